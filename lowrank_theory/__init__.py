@@ -1,0 +1,11 @@
+"""lowrank_theory: structured adaptation of neural-network weights, theory first.
+
+Subpackages: :mod:`~lowrank_theory.backend` (array-API backend layer),
+:mod:`~lowrank_theory.linalg` (decompositions on any backend),
+:mod:`~lowrank_theory.adapters` (torch modules, one per method).
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+__all__ = ["__version__"]

@@ -1,0 +1,37 @@
+"""Adapters: each method of ``shared/methods.md`` as a structured torch module.
+
+Import a family module to register its adapters; this package imports them all, so
+``lowrank_theory.adapters.create(name, d_out, d_in, **cfg)`` knows every method.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .base import Adapter
+from .layer import AdaptedLinear
+from .registry import create, get, names, register
+
+__all__ = ["AdaptedLinear", "Adapter", "create", "get", "names", "register"]
+
+# One file per family; each registers its classes on import.  A family module that is
+# not written yet is simply absent from this list.
+_FAMILIES = (
+    "lowrank",
+    "svd_based",
+    "ldu",
+    "random_basis",
+    "projection",
+    "frequency",
+    "tensor",
+    "sparse",
+    "quantized",
+    "multiplicative",
+    "delta_ops",
+)
+for _fam in _FAMILIES:
+    try:
+        importlib.import_module(f"{__name__}.{_fam}")
+    except ModuleNotFoundError as _exc:  # family not written yet
+        if _exc.name != f"{__name__}.{_fam}":
+            raise
