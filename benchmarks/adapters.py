@@ -1,0 +1,183 @@
+"""Per-layer forward+backward time and memory: our adapters vs PEFT's vs the frozen base.
+
+    python benchmarks/adapters.py                          # CPU, d in {256, 1024}, fp32
+    python benchmarks/adapters.py --device cuda --dtype bfloat16 --sizes 4096:8192 1024:4096
+
+One frozen ``nn.Linear(d, d)`` and an input ``x`` (tokens × d, ``requires_grad`` as inside a
+network, so the backward computes dx as well as the adapter's gradients).  Each method is
+timed three ways in the same process: the base layer alone, PEFT's layer, ours
+(``AdaptedLinear``).  Reported: median ms, the ratio of each to the base, ours/PEFT, and
+memory: bytes of tensors saved for backward (device-independent, from
+``torch.autograd.graph.saved_tensors_hooks``) and, on CUDA, the peak allocated during the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import print_table, time_call, write_json
+
+# method -> (our registry name, our cfg, PEFT config factory or None, peer label)
+METHODS: dict[str, tuple] = {
+    "lora_r16": ("lora", {"rank": 16, "alpha": 16}, lambda P: P.LoraConfig(r=16, lora_alpha=16,
+                                                                             target_modules=["proj"]), "lora"),
+    "dora_r16": ("dora", {"rank": 16, "alpha": 16},
+                 lambda P: P.LoraConfig(r=16, lora_alpha=16, use_dora=True, target_modules=["proj"]), "dora"),
+    "vera_r256": ("vera", {"rank": 256}, lambda P: P.VeraConfig(r=256, target_modules=["proj"]), "vera"),
+    "fourierft_n1000": ("fourierft", {"n_frequency": 1000},
+                        lambda P: P.FourierFTConfig(n_frequency=1000, target_modules=["proj"]), "fourierft"),
+    "loca_n1000": ("loca", {"n_frequency": 1000},
+                   lambda P: P.FourierFTConfig(n_frequency=1000, target_modules=["proj"]), "fourierft"),
+    "randlora_r32": ("randlora", {"rank": 32}, lambda P: P.RandLoraConfig(r=32, target_modules=["proj"]),
+                     "randlora"),
+}
+
+
+class OneLayer(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d, d, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def build_ours(name: str, cfg: dict, base: nn.Linear) -> nn.Module:
+    from lowrank_theory import adapters
+
+    cls = adapters.get(name)
+    base = copy.deepcopy(base)
+    if hasattr(cls, "from_weight") and cls.needs_base:
+        out = cls.from_weight(base.weight.detach(), **cfg)
+        ad = out[0] if isinstance(out, tuple) else out
+    else:
+        ad = cls(base.out_features, base.in_features, **cfg)
+    ad = ad.to(device=base.weight.device, dtype=base.weight.dtype)
+    with torch.no_grad():  # move away from the identity init so no zero shortcut is timed
+        for p in ad.parameters():
+            if p.requires_grad:
+                p.add_(0.01 * torch.randn_like(p))
+    return adapters.AdaptedLinear(base, ad)
+
+
+def build_peft(factory: Callable, base: nn.Linear) -> nn.Module:
+    import peft
+
+    m = OneLayer(base.in_features).to(device=base.weight.device, dtype=base.weight.dtype)
+    m.proj.load_state_dict(base.state_dict())
+    pm = peft.get_peft_model(m, factory(peft))
+    return pm.to(device=base.weight.device, dtype=base.weight.dtype)
+
+
+def saved_bytes(layer: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of distinct tensors autograd saves for backward in one forward."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    del y
+    # the input itself is held by the caller anyway
+    seen.pop(x.untyped_storage().data_ptr(), None)
+    return int(sum(seen.values()))
+
+
+def step_fn(layer: nn.Module, x: torch.Tensor, gy: torch.Tensor) -> Callable[[], None]:
+    params = [p for p in layer.parameters() if p.requires_grad]
+
+    def step() -> None:
+        x.grad = None
+        for p in params:
+            p.grad = None
+        layer(x).backward(gy)
+
+    return step
+
+
+def peak_mb(step: Callable[[], None], device: str) -> float | None:
+    if not device.startswith("cuda"):
+        return None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def run(sizes: list[tuple[int, int]], methods: list[str], device: str, dtype: torch.dtype,
+        repeats: int, compile_ours: bool) -> list[dict]:
+    rows = []
+    for d, tokens in sizes:
+        torch.manual_seed(0)
+        base = nn.Linear(d, d).to(device=device, dtype=dtype)
+        for p in base.parameters():
+            p.requires_grad_(False)
+        x = torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True)
+        gy = torch.randn(tokens, d, device=device, dtype=dtype)
+        t_base = time_call(step_fn(base, x, gy), repeats=repeats, device=device)
+        for key in methods:
+            ours_name, cfg, factory, _peer = METHODS[key]
+            row = dict(method=key, d=d, tokens=tokens, dtype=str(dtype).split(".")[-1], base_ms=t_base)
+            try:
+                ours = build_ours(ours_name, cfg, base)
+                if compile_ours:
+                    ours = torch.compile(ours)
+                s = step_fn(ours, x, gy)
+                row["ours_ms"] = time_call(s, repeats=repeats, device=device)
+                row["ours_x_base"] = row["ours_ms"] / t_base
+                row["ours_saved_MB"] = saved_bytes(ours, x) / 2**20
+                row["ours_peak_MB"] = peak_mb(s, device)
+            except Exception as exc:  # recorded, not hidden
+                row["ours_error"] = f"{type(exc).__name__}: {exc}"[:200]
+            try:
+                pm = build_peft(factory, base)
+                s = step_fn(pm, x, gy)
+                row["peft_ms"] = time_call(s, repeats=repeats, device=device)
+                row["peft_x_base"] = row["peft_ms"] / t_base
+                row["peft_saved_MB"] = saved_bytes(pm, x) / 2**20
+                row["peft_peak_MB"] = peak_mb(s, device)
+            except Exception as exc:
+                row["peft_error"] = f"{type(exc).__name__}: {exc}"[:200]
+            if "ours_ms" in row and "peft_ms" in row:
+                row["ours_over_peft"] = row["ours_ms"] / row["peft_ms"]
+            rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", nargs="+", default=["256:512", "1024:1024"], help="d:tokens pairs")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--compile", action="store_true", help="torch.compile our layer before timing")
+    p.add_argument("--out", default=None)
+    p.add_argument("--name", default=None)
+    args = p.parse_args(argv)
+    sizes = [tuple(int(v) for v in s.split(":")) for s in args.sizes]
+    rows = run(sizes, args.methods, args.device, getattr(torch, args.dtype), args.repeats, args.compile)
+    print_table(rows, ["method", "d", "tokens", "base_ms", "ours_x_base", "peft_x_base", "ours_over_peft",
+                       "ours_saved_MB", "peft_saved_MB", "ours_peak_MB", "peft_peak_MB"])
+    errs = [r for r in rows if "ours_error" in r or "peft_error" in r]
+    for r in errs:
+        print(r["method"], r.get("ours_error", ""), r.get("peft_error", ""))
+    name = args.name or f"adapters_{args.device.split(':')[0]}_{args.dtype}"
+    write_json(name, rows, extra={"args": vars(args)}, out_dir=args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

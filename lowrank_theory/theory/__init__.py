@@ -1,0 +1,3 @@
+"""Theory: expressivity, gradient approximation, complexity."""
+
+from __future__ import annotations
