@@ -6,4 +6,23 @@ device and dtype; see each module for the math.
 
 from __future__ import annotations
 
+from .ldu import LDUResult, ldu, ldu_nopivot
+from .projections import ComplementProjector, IsometricProjection, complement_projector, isometric_projection
+from .random import BASIS_KINDS, derive_seed, random_basis
+from .splits import (
+    LowRankQuantizedResult,
+    SparseLowRankResult,
+    lowrank_plus_quantized,
+    nf4_codebook,
+    quantize_nf4,
+    quantize_uniform,
+    sparse_plus_lowrank,
+)
+from .svd import SVDResult, randomized_svd, recompress_factors, truncated_svd
+
 __all__: list[str] = []
+__all__ += ["LDUResult", "SVDResult", "ldu", "ldu_nopivot", "randomized_svd", "recompress_factors", "truncated_svd"]
+__all__ += ["BASIS_KINDS", "ComplementProjector", "IsometricProjection", "complement_projector", "derive_seed"]
+__all__ += ["isometric_projection", "random_basis"]
+__all__ += ["LowRankQuantizedResult", "SparseLowRankResult", "lowrank_plus_quantized", "nf4_codebook"]
+__all__ += ["quantize_nf4", "quantize_uniform", "sparse_plus_lowrank"]
