@@ -195,7 +195,8 @@ def to_numpy(x: Any) -> np.ndarray:
         t = x.detach()
         if t.dtype.is_floating_point and str(t.dtype) == "torch.bfloat16":
             t = t.float()
-        return t.cpu().numpy() if t.device.type != "cpu" else np.from_dlpack(t.resolve_conj())
+        t = t.resolve_conj().resolve_neg()  # lazy conjugate/negative views are invisible to DLPack
+        return t.cpu().numpy() if t.device.type != "cpu" else np.from_dlpack(t)
     return x.get()  # cupy
 
 
@@ -231,7 +232,11 @@ def as_backend(x: Any, like: Any = None, *, backend: str | None = None, device: 
         if src == "torch":
             return x.to(dev)
         if src == "numpy":
-            t = torch.from_numpy(np.ascontiguousarray(x)) if x.flags.writeable else torch.from_dlpack(x)
+            # np.ascontiguousarray would turn a 0-d array into shape (1,); read-only arrays (e.g. a
+            # memory-mapped safetensors file) are copied, since torch tensors are always writable.
+            if not x.flags.writeable:
+                x = np.array(x, copy=True)
+            t = torch.from_numpy(x if x.flags.c_contiguous else np.ascontiguousarray(x))
             return t.to(dev)
         # cupy -> torch via DLPack (both on CUDA)
         t = torch.from_dlpack(x)
