@@ -111,7 +111,7 @@ class AdapterContract:
         W0 = layer.weight
         dw = ad.delta_weight(W0) if ad.needs_base else ad.delta_weight()
         assert dw.shape == (d_out, d_in)
-        assert float(dw.norm()) > 0, "randomized adapter should have ΔW ≠ 0"
+        assert float(dw.detach().norm()) > 0, "randomized adapter should have ΔW ≠ 0"
         dense = x @ (W0 + dw).T + layer.bias
         assert relerr(layer(x), dense) < 1e-10
         if not ad.multiplicative:
