@@ -19,6 +19,8 @@ from .splits import (
     sparse_plus_lowrank,
 )
 from .svd import SVDResult, randomized_svd, recompress_factors, truncated_svd
+from .transforms import dct, dct2, dct_matrix, dft2, hadamard_matrix, idct, idct2, idft2, wht, wht2
+from .tucker import HOOIResult, TuckerResult, fold, hooi, hosvd, mode_product, tucker, tucker_to_tensor, unfold
 
 __all__: list[str] = []
 __all__ += ["LDUResult", "SVDResult", "ldu", "ldu_nopivot", "randomized_svd", "recompress_factors", "truncated_svd"]
@@ -26,3 +28,6 @@ __all__ += ["BASIS_KINDS", "ComplementProjector", "IsometricProjection", "comple
 __all__ += ["isometric_projection", "random_basis"]
 __all__ += ["LowRankQuantizedResult", "SparseLowRankResult", "lowrank_plus_quantized", "nf4_codebook"]
 __all__ += ["quantize_nf4", "quantize_uniform", "sparse_plus_lowrank"]
+__all__ += ["dct", "dct2", "dct_matrix", "dft2", "hadamard_matrix", "idct", "idct2", "idft2", "wht", "wht2"]
+__all__ += ["HOOIResult", "TuckerResult", "fold", "hooi", "hosvd", "mode_product", "tucker", "tucker_to_tensor"]
+__all__ += ["unfold"]
