@@ -1,0 +1,155 @@
+r"""Sparse-plus-low-rank adapters: :math:`\Delta W = sBA + S` with S on a fixed random support.
+
+The sparse part is applied by a gather of the input columns it reads and a scatter-add into the
+output rows it writes (``index_select`` + ``index_add``): :math:`O(\text{nnz})` per token, never a
+dense m×n S.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..linalg import derive_seed
+from .lowrank import LoRA
+from .registry import register
+
+__all__ = ["SLTrain", "sparse_support_size"]
+
+
+def sparse_support_size(d_out: int, d_in: int, density: float) -> int:
+    r"""Number of stored entries :math:`\lfloor \delta\, m n \rfloor` (as in SLTrain's code).
+
+    A relative slack of 1e-12 keeps products such as 0.29·100 = 28.999999999999996 at 29.
+    """
+    return math.floor(density * d_out * d_in * (1.0 + 1e-12))
+
+
+def _check_density(density: Any) -> float:
+    if isinstance(density, bool) or not isinstance(density, (int, float)):
+        raise TypeError(f"density must be a float in (0, 1], got {type(density).__name__}")
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    return float(density)
+
+
+@register
+class SLTrain(LoRA):
+    r"""SLTrain: :math:`\Delta W = s\,BA + S`, S sparse on a fixed random support.
+
+    Parameters
+    ----------
+    d_out, d_in : int
+        Shape (m, n) of the frozen weight.
+    rank : int
+        r of the low-rank part, ``1 <= r <= min(m, n)``.
+    alpha : float, default ``rank``
+        :math:`s = \alpha/r` (SLTrain's code uses ``lora_alpha / r`` too).
+    density : float, default 0.03
+        :math:`\delta`, fraction of the m·n entries in the support of S, in (0, 1];
+        :math:`\text{nnz} = \lfloor\delta mn\rfloor \ge 1` is required.
+    seed : int, optional
+        Root seed of the support and of A's init.  ``None`` draws one from fresh OS entropy and
+        records it in :meth:`config`, so the adapter can always be rebuilt.
+    sparse_init : {"zero", "uniform"}, default "zero"
+        Initial values of S: ``"zero"`` gives :math:`\Delta W = 0` at init (fine-tuning);
+        ``"uniform"`` is the paper's pretraining init :math:`U(-1/\sqrt n, 1/\sqrt n)` (then
+        :math:`\Delta W \ne 0` at init).
+    dropout : float
+        Dropout on the input of the low-rank branch only.
+
+    Raises
+    ------
+    TypeError, ValueError
+        If ``density`` is not in (0, 1] or gives no entry, ``sparse_init`` is unknown, ``seed`` is
+        not a non-negative int, or ``rank``/``dropout`` are invalid (as for LoRA).
+
+    Notes
+    -----
+    Support: ``numpy.random.default_rng(derive_seed(seed, "sltrain-support")).choice(m*n, nnz,
+    replace=False)``, sorted, as flat row-major indices -- uniform without replacement like the
+    authors' ``torch.randperm(mn)[:nnz]``.  It is **regenerated from the seed** (non-persistent
+    buffers ``rows``, ``cols``), so ``state_dict`` holds only A, B and the nnz values; rebuild with
+    the same ``config()`` before loading.
+
+    Init: A Kaiming-uniform (PEFT's LoRA init), B = 0, as in the authors' ``SpLoRaLinear``;
+    values per ``sparse_init``.  The paper pretrains :math:`W = BA + S` itself; here the same
+    parametrization is the update of a frozen :math:`W_0`.
+
+    Forward: :math:`s\,(xA^\top)B^\top` plus
+    ``zeros(..., m).index_add(-1, rows, x.index_select(-1, cols) * values)``.
+    Trainable: :math:`r(m+n) + \lfloor\delta mn\rfloor`.
+
+    References
+    ----------
+    A. Han, J. Li, W. Huang, M. Hong, A. Takeda, P. Jawanpuria, B. Mishra, "SLTrain: a sparse plus
+    low-rank approach for parameter and memory efficient pretraining", arXiv:2406.02214.
+    """
+
+    name = "sltrain"
+
+    def __init__(
+        self,
+        d_out: int,
+        d_in: int,
+        rank: int = 8,
+        alpha: float | None = None,
+        density: float = 0.03,
+        seed: int | None = None,
+        sparse_init: str = "zero",
+        dropout: float = 0.0,
+    ) -> None:
+        density = _check_density(density)
+        if sparse_init not in ("zero", "uniform"):
+            raise ValueError(f"sparse_init must be 'zero' or 'uniform', got {sparse_init!r}")
+        if seed is None:
+            seed = int(np.random.SeedSequence().generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+        elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
+        super().__init__(d_out, d_in, rank=rank, alpha=alpha, dropout=dropout, seed=seed)
+        nnz = sparse_support_size(d_out, d_in, density)
+        if nnz < 1:
+            raise ValueError(
+                f"density={density} gives no sparse entries for a {d_out}x{d_in} weight; need density*m*n >= 1"
+            )
+        self.density = density
+        self.nnz = nnz
+        self._config = dict(
+            rank=rank, alpha=self._config["alpha"], density=density, seed=seed, sparse_init=sparse_init, dropout=dropout
+        )
+        rng = np.random.default_rng(derive_seed(seed, "sltrain-support"))
+        flat = np.sort(rng.choice(d_out * d_in, size=nnz, replace=False))
+        self.register_buffer("rows", torch.from_numpy(flat // d_in), persistent=False)
+        self.register_buffer("cols", torch.from_numpy(flat % d_in), persistent=False)
+        values = torch.zeros(nnz)
+        if sparse_init == "uniform":
+            bound = 1.0 / math.sqrt(d_in)
+            values = torch.from_numpy(rng.uniform(-bound, bound, size=nnz)).float()
+        self.values = nn.Parameter(values)
+
+    @classmethod
+    def param_count(cls, d_out: int, d_in: int, rank: int = 8, density: float = 0.03, **_: Any) -> int:
+        return rank * (d_out + d_in) + sparse_support_size(d_out, d_in, density)
+
+    def sparse_dense(self) -> torch.Tensor:
+        """S as a dense (m, n) tensor (for merging and tests)."""
+        flat = self.rows * self.d_in + self.cols
+        S = torch.zeros(self.d_out * self.d_in, dtype=self.values.dtype, device=self.values.device)
+        return S.index_add(0, flat, self.values).view(self.d_out, self.d_in)
+
+    def sparse_apply(self, x: torch.Tensor) -> torch.Tensor:
+        r""":math:`x S^\top` for x (..., n) -> (..., m) by gather / scatter-add, :math:`O(\text{nnz})` per token."""
+        self._check_input(x)
+        gathered = x.index_select(-1, self.cols) * self.values.to(x.dtype)
+        out = torch.zeros(*x.shape[:-1], self.d_out, dtype=x.dtype, device=x.device)
+        return out.index_add(-1, self.rows, gathered)
+
+    def delta_weight(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
+        return super().delta_weight() + self.sparse_dense()
+
+    def forward(self, x: torch.Tensor, base_weight: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(x) + self.sparse_apply(x)
