@@ -14,24 +14,23 @@ from .registry import create, get, names, register
 
 __all__ = ["AdaptedLinear", "Adapter", "create", "get", "names", "register"]
 
-# One file per family; each registers its classes on import.  A family module that is
-# not written yet is simply absent from this list.
+# One file per family; each registers its classes on import.
 _FAMILIES = (
     "lowrank",
+    "adaptive_rank",
+    "squeeze",
     "svd_based",
     "ldu",
     "random_basis",
     "projection",
     "frequency",
+    "loca_locations",
     "tensor",
+    "conv",
     "sparse",
     "quantized",
     "multiplicative",
     "delta_ops",
 )
 for _fam in _FAMILIES:
-    try:
-        importlib.import_module(f"{__name__}.{_fam}")
-    except ModuleNotFoundError as _exc:  # family not written yet
-        if _exc.name != f"{__name__}.{_fam}":
-            raise
+    importlib.import_module(f"{__name__}.{_fam}")
