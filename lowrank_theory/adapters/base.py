@@ -132,6 +132,16 @@ class Adapter(nn.Module):
         delta = self(x, base_weight) if self.needs_base else self(x)
         return base_out + delta.to(base_out.dtype)
 
+    def fused_output(
+        self, x: torch.Tensor, base_weight: torch.Tensor, base_bias: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """The whole adapted layer's output in one fused computation, or None when there is none.
+
+        :class:`AdaptedLinear` calls this first and falls back to ``layer_output(x, base(x), ...)``
+        on None.  Overridden by methods with a fused kernel (LoRA: :mod:`.fused`).
+        """
+        return None
+
     @torch.no_grad()
     def merged_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
         """``W0 + ΔW`` computed in float32 (or float64) and cast back to W0's dtype."""

@@ -67,10 +67,12 @@ class AdaptedLinear(nn.Module):
         return self.base.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base_out = self.base(x)
         if self.disabled or self.merged:
-            return base_out
-        return self.adapter.layer_output(x, base_out, self.weight, self.bias)
+            return self.base(x)
+        fused = self.adapter.fused_output(x, self.weight, self.bias)
+        if fused is not None:
+            return fused
+        return self.adapter.layer_output(x, self.base(x), self.weight, self.bias)
 
     @torch.no_grad()
     def merge(self) -> None:

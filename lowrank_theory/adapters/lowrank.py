@@ -19,6 +19,7 @@ from torch import nn
 
 from ..linalg import complement_projector, randomized_svd, truncated_svd
 from .base import Adapter, check_rank, check_weight
+from .fused import lora_linear
 from .registry import register
 
 __all__ = ["BlockLoRA", "CompLoRA", "LoRA", "MiLoRA", "PiSSA", "S2LoRA", "S2LoRAShared", "coefficient_l1_penalty"]
@@ -99,6 +100,25 @@ class LoRA(Adapter):
     def forward(self, x: torch.Tensor, base_weight: torch.Tensor | None = None) -> torch.Tensor:
         self._check_input(x)
         return self.scale * ((self.dropout(x) @ self.A.T) @ self.B.T)
+
+    def fused_output(
+        self, x: torch.Tensor, base_weight: torch.Tensor, base_bias: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """``x W0ᵀ + b + s (x Aᵀ) Bᵀ`` by :func:`~lowrank_theory.adapters.fused.lora_linear`.
+
+        Used when the update is plain ``s·B·A`` (this class, not a subclass that changes
+        :meth:`forward`), dropout is inactive, the frozen weight and bias need no gradient and every
+        tensor shares one dtype and device; None otherwise (the unfused path runs).
+        """
+        if type(self).forward is not LoRA.forward or (self.training and not isinstance(self.dropout, nn.Identity)):
+            return None
+        tensors = [x, base_weight, self.A, self.B] + ([base_bias] if base_bias is not None else [])
+        if base_weight.requires_grad or (base_bias is not None and base_bias.requires_grad):
+            return None
+        if len({(t.dtype, t.device) for t in tensors}) != 1:
+            return None
+        self._check_input(x)
+        return lora_linear(x, base_weight, base_bias, self.A, self.B, self.scale)
 
 
 # ----------------------------------------------------------------------------- helpers
