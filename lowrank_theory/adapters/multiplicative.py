@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .base import Adapter, check_rank, check_weight
+from .fused import lora_linear
 from .lowrank import lora_scale
 from .registry import register
 
@@ -238,6 +239,23 @@ class DoRA(Adapter):
         pre = base_out if base_bias is None else base_out - base_bias
         out = c * (pre + self._lora(x).to(base_out.dtype))
         return out if base_bias is None else out + base_bias
+
+    def fused_output(self, x, base_weight, base_bias):
+        r"""``c ⊙ (x W0ᵀ + s (x Aᵀ) Bᵀ) + b`` through the fused LoRA node (:mod:`.fused`), c = g / ν.
+
+        The rank-r term is accumulated into the base GEMM's output in place, then one ``addcmul``
+        applies the row scale and the bias.  None (the unfused path runs) when the frozen weight or
+        bias needs a gradient or the tensors do not share one dtype and device.
+        """
+        tensors = [x, base_weight, self.A, self.B] + ([base_bias] if base_bias is not None else [])
+        if base_weight.requires_grad or (base_bias is not None and base_bias.requires_grad):
+            return None
+        if len({(t.dtype, t.device) for t in tensors}) != 1:
+            return None
+        self._check_input(x)
+        c = self.row_scale(self._require_base(base_weight)).to(x.dtype)
+        z = lora_linear(x, base_weight, None, self.A, self.B, self.scale)
+        return z * c if base_bias is None else torch.addcmul(base_bias, z, c)
 
     def forward(self, x: torch.Tensor, base_weight: torch.Tensor | None = None) -> torch.Tensor:
         self._check_input(x)

@@ -99,3 +99,30 @@ def test_bf16_fused_is_as_accurate_as_unfused_against_float64():
     # both round the inputs to bf16 (rel. 2^-9) and the output once or twice: each within bf16 tolerance,
     # and the fused one (one rounding of the sum fewer) no worse than twice the unfused error
     assert e_f < tol(torch.bfloat16)["rtol"] and e_f <= 2 * e_u
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_dora_fused_path_matches_its_unfused_layer_output(bias):
+    from lowrank_theory.adapters.multiplicative import DoRA
+
+    torch.manual_seed(2)
+    base = nn.Linear(9, 7, bias=bias).double()
+    ad = DoRA(7, 9, rank=3).double()
+    with torch.no_grad():
+        ad.B.normal_()
+    layer = AdaptedLinear(base, ad)
+    x = torch.randn(2, 5, 9, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(2, 5, 7, dtype=torch.float64)
+    params = [x, ad.A, ad.B, ad.magnitude]
+
+    y = layer(x)
+    assert ad.fused_output(x, layer.weight, layer.bias) is not None  # the fused path is the one that ran
+    fused = (y, *torch.autograd.grad(y, params, gy))
+    y_ref = ad.layer_output(x, base(x), layer.weight, layer.bias)  # the unfused path
+    ref = (y_ref, *torch.autograd.grad(y_ref, params, gy))
+    for got, want in zip(fused, ref):
+        torch.testing.assert_close(got, want, **tol(torch.float64))
+    # and both equal the dense definition W' = diag(g/‖W0 + sBA‖_row)(W0 + sBA)
+    V = base.weight + ad.scale * ad.B @ ad.A
+    dense = F.linear(x, (ad.magnitude / V.norm(dim=1))[:, None] * V, base.bias)
+    torch.testing.assert_close(y, dense, **tol(torch.float64))
