@@ -86,7 +86,8 @@ def lowrank_row_norms(
         idx = bad.nonzero().squeeze(1)
         rows = W0.index_select(0, idx) + scale * (B.index_select(0, idx) @ A)
         sq = sq.index_put((idx,), (rows * rows).sum(dim=1))
-    return sq.clamp_min(0.0).sqrt()
+    # a root whose derivative is 0 (not inf) at 0, so DoRA's clamp_min(eps) gives finite gradients at zero rows
+    return torch.where(sq > 0, sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt(), torch.zeros_like(sq))
 
 
 @register
