@@ -61,11 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quick", dest="scale", action="store_const", const="quick", help="small sizes (default)")
     g.add_argument("--full", dest="scale", action="store_const", const="full", help="the papers' sizes")
     pr.set_defaults(scale="quick", func=_cmd_reproduce)
-    pr.add_argument("--backend", choices=["numpy", "torch", "cupy"], default="numpy")
-    pr.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    pr.add_argument("--backend", choices=["numpy", "torch", "cupy"], default="numpy",
+                    help="array backend for the experiments that take one (gradients, complexity); "
+                         "the expressivity solvers always run in NumPy/SciPy float64")
+    pr.add_argument("--device", default="cpu", help="cpu or cuda[:i] (torch backend)")
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--out", default="lrt-out", help="output folder (default: lrt-out)")
     pr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from .training.cli_train import add_parser as _add_train
+    _add_train(sub)
     return p
 
 

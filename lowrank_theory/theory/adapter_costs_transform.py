@@ -1,0 +1,313 @@
+r"""Op-by-op models of the transform-domain adapters (FourierFT, LoCA, QWHA) and of the
+multiplicative ones (DoRA, SSF, HUT), registered into :data:`.adapter_costs.MODELS`.
+
+The transforms follow the code they call: the rFFT/irFFT pair of ``FourierFT.forward``; the
+FFT-based DCT-II / DCT-III of ``lowrank_theory.backend`` (Makhoul's reordering, one complex
+FFT of length n, a twiddle product, the orthonormal scaling); the Walsh–Hadamard transform of
+``lowrank_theory.linalg.wht`` (dense :math:`H_{2^c}` blocks, :math:`c \le 6`, one matrix
+product per block -- so its FLOPs are matrix-product FLOPs, :math:`2RL\cdot 2^c` per block);
+and the sparse spectrum product ``SparseSpectrumMatmul`` (gather, scale, scatter-add; its
+hand-written backward).
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..linalg.transforms import _block_bits  # the WHT's split into dense H_64 blocks
+from .adapter_costs import Ctx, _lowrank, _register, _tr, lora_linear
+from .cost_graph import CostGraph, T
+
+__all__ = ["dct_ii", "idct_iii", "sparse_spectrum_matmul", "wht"]
+
+
+# ----------------------------------------------------------------------------- transforms
+def _twiddle(g: CostGraph, L: int, eb: float) -> T:
+    """``exp(complex(zeros_like(k), ±π k / 2L))``: arange, zeros_like, mul, div, complex, exp."""
+    k = g.fill("arange", (L,), eb=eb)
+    for name in ("zeros_like", "mul", "div", "complex"):
+        g.launch(name)
+    return g.ew("exp", k, grads="none", out_eb=2 * eb, flops=8.0)
+
+
+def dct_ii(g: CostGraph, x: T) -> T:
+    """Orthonormal DCT-II along the last axis of x (R, L), as ``backend._torch_dct_ii``."""
+    R, L = math.prod(x.shape[:-1]), x.shape[-1]
+    x = g.view(x, (R, L))
+    even = g.view(x, (R, (L + 1) // 2), bwd_kernels=2)
+    odd = g.copy("flip", g.view(x, (R, L // 2), bwd_kernels=2))
+    v = g.cat("cat", [even, odd], (R, L))
+    Vc = g.fft("fft", v, "fft_r2c", L)
+    y = g.ew("cmul", Vc, _twiddle(g, L, x.eb), flops=6.0)
+    y = g.ew("scale", g.view(y, (R, L), eb=x.eb, bwd_kernels=1), grads="linear")  # 2.0 * real(.)
+    scale = g.fill("full", (L,), eb=x.eb)
+    g.launch("setitem")
+    return g.ew("mul", y, scale)
+
+
+def idct_iii(g: CostGraph, y: T) -> T:
+    """Inverse of :func:`dct_ii` along the last axis (a DCT-III), as ``backend._torch_dct_iii``."""
+    R, L = math.prod(y.shape[:-1]), y.shape[-1]
+    eb = y.eb
+    scale = g.fill("full", (L,), eb=eb)
+    g.launch("setitem")
+    y = g.ew("mul", g.view(y, (R, L)), scale)
+    zeros = g.fill("zeros_like", (R, 1), eb=eb)
+    rest = g.copy("flip", g.view(y, (R, L - 1), bwd_kernels=2))
+    y_rev = g.cat("cat", [zeros, rest], (R, L))
+    w = _twiddle(g, L, eb)
+    V = g.ew("complex", y, g.ew("neg", y_rev, grads="linear"), grads="add", out_eb=2 * eb)
+    V = g.ew("cmul", g.ew("scale", V, grads="linear"), w, flops=6.0)
+    v = g.view(g.fft("ifft", V, "ifft", L), (R, L), eb=eb, bwd_kernels=1)
+    half, odd = (L + 1) // 2, L // 2
+    fwd = [("copy_even", 0.0, 2 * eb * R * half), ("flip", 0.0, 2 * eb * R * odd), ("copy_odd", 0.0, 2 * eb * R * odd)]
+    bwd = {0: [("slice_grad_zeros", 0.0, eb * R * L), ("slice_grad_copy", 0.0, 2 * eb * R * half),
+               ("flip_grad", 0.0, 2 * eb * R * odd), ("slice_grad_zeros", 0.0, eb * R * L),
+               ("slice_grad_copy", 0.0, 2 * eb * R * odd), ("grad_accumulate", R * L, 3 * eb * R * L)]}
+    return g.custom("interleave", [v], (R, L), fwd, bwd, eb=eb)
+
+
+def wht(g: CostGraph, x: T, rows: int, length: int) -> T:
+    """Orthonormal WHT of length ``length`` applied to ``rows`` vectors (any axis): one product per block."""
+    k = length.bit_length() - 1
+    if 1 << k != length:
+        raise ValueError(f"the Walsh–Hadamard length must be a power of two, got {length}")
+    y = x
+    for bits in _block_bits(k):
+        mb = 1 << bits
+        H = g.buffer((mb, mb), eb=x.eb, name=f"H{mb}")
+        y = g.view(g.mm(g.view(y, (rows * length // mb, mb)), H), x.shape)
+    return g.ew("scale", y, grads="linear")
+
+
+def sparse_spectrum_matmul(g: CostGraph, xhat: T, a: T, size: int) -> T:
+    """``SparseSpectrumMatmul``: z (R, size) from xhat (R, L) and c coefficients; O(R c)."""
+    R, c, e, ib = math.prod(xhat.shape[:-1]), a.shape[0], xhat.eb, g.INDEX_BYTES
+    fwd = [("index_select", 0.0, 2 * e * R * c + ib * c), ("mul", R * c, e * (2 * R * c + c)),
+           ("zeros", 0.0, e * R * size), ("index_add_", R * c, 3 * e * R * c + ib * c)]
+    bwd = {"shared": [("index_select_grad_rows", 0.0, 2 * e * R * c + ib * c)],
+           0: [("zeros_like", 0.0, e * R * xhat.shape[-1]), ("mul", R * c, e * (2 * R * c + c)),
+               ("index_add_", R * c, 3 * e * R * c + ib * c)],
+           1: [("index_select_cols", 0.0, 2 * e * R * c + ib * c), ("mul", R * c, 3 * e * R * c),
+               ("sum", R * c, e * (R * c + c))]}
+    return g.custom("sparse_spectrum_matmul", [xhat, a], (R, size), fwd, bwd, eb=e)
+
+
+def _dense_spectrum(g: CostGraph, a: T, shape: tuple[int, int]) -> T:
+    """``values.new_zeros(shape).index_put((rows, cols), values, accumulate=True)``."""
+    n, c = math.prod(shape), a.shape[0]
+    fwd = [("zeros", 0.0, a.eb * n), ("clone", 0.0, 2 * a.eb * n), ("index_put_", c, 3 * a.eb * c + 16 * c)]
+    return g.custom("dense_spectrum", [a], shape, fwd, {0: [("gather", 0.0, 2 * a.eb * c + 16 * c)]}, eb=a.eb)
+
+
+def _flat(g: CostGraph, x: T, c: Ctx) -> T:
+    return g.cast(g.view(x, (c.tokens, c.n)), c.acc)
+
+
+# ----------------------------------------------------------------------------- FourierFT
+def _c_frequency(c: Ctx, rows: int, cols: int) -> int:
+    return c.int("n_frequency", 1, rows * cols)
+
+
+def _fourierft_setup(c):
+    _c_frequency(c, c.m, c.n)
+    return dict(spectrum=c.g.param((c.cfg["n_frequency"],)))
+
+
+def _fourierft_fwd(c, P, x):
+    g, m, n, acc = c.g, c.m, c.n, c.acc
+    T_, k = c.tokens, P["spectrum"].shape[0]
+    X = g.index_select(g.fft("rfft", _flat(g, x, c), "rfft", n), k)  # (T, c) complex
+    ur = g.ew("div", g.view(X, (T_, k), eb=acc, bwd_kernels=1), grads="linear")
+    im = g.view(X, (T_, k), eb=acc, bwd_kernels=1)
+    ui = g.ew("div", g.ew("where", g.buffer((k,), eb=1), g.ew("neg", im, grads="linear"), im), grads="linear")
+    a = g.cast(P["spectrum"], acc)
+    zr = g.index_add(g.ew("mul", ur, a), m)
+    zi = g.index_add(g.ew("mul", ui, a), m)
+    half = m // 2 + 1
+    hr = g.ew("scale", g.ew("add", g.view(zr, (T_, half), bwd_kernels=2), g.index_select(zr, half), grads="add"),
+              grads="linear")
+    hi = g.ew("scale", g.ew("sub", g.view(zi, (T_, half), bwd_kernels=2), g.index_select(zi, half), grads="sub"),
+              grads="linear")
+    y = g.fft("irfft", g.ew("complex", hr, hi, grads="add", out_eb=2 * acc), "irfft", m)
+    return g.cast(g.ew("scale", y, grads="linear"), c.eb)
+
+
+def _fourierft_dw(c, P, W0):
+    g = c.g
+    F = _dense_spectrum(g, g.cast(P["spectrum"], c.acc), (c.m, c.n))
+    Z = g.fft("ifft2_rows", F, "fft_r2c", c.n)  # ifft2 of a real array: one pass per axis
+    Z = g.fft("ifft2_cols", Z, "ifft", c.m)
+    return g.cast(g.ew("scale", g.view(Z, (c.m, c.n), eb=c.acc, bwd_kernels=1), grads="linear"), c.eb)
+
+
+_register("fourierft", setup=_fourierft_setup, forward=_fourierft_fwd, delta=_fourierft_dw)
+
+
+# ----------------------------------------------------------------------------- LoCA
+def _loca_setup(c):
+    _c_frequency(c, c.m, c.n)
+    return dict(coefficients=c.g.param((c.cfg["n_frequency"],)))
+
+
+def _loca_fwd(c, P, x):
+    g = c.g
+    z = sparse_spectrum_matmul(g, dct_ii(g, _flat(g, x, c)), g.cast(P["coefficients"], c.acc), c.m)
+    return g.cast(g.ew("scale", idct_iii(g, z), grads="linear"), c.eb)
+
+
+def _loca_dw(c, P, W0):
+    g = c.g
+    F = _dense_spectrum(g, g.cast(P["coefficients"], c.acc), (c.m, c.n))
+    F = g.view(idct_iii(g, g.view(F, (c.n, c.m))), (c.m, c.n))  # along axis 0 (a moved view)
+    return g.cast(g.ew("scale", idct_iii(g, F), grads="linear"), c.eb)
+
+
+_register("loca", setup=_loca_setup, forward=_loca_fwd, delta=_loca_dw)
+
+
+# ----------------------------------------------------------------------------- QWHA
+def _pow2(k: int) -> int:
+    return 1 << (k - 1).bit_length()
+
+
+def _qwha_sizes(c):
+    axes = c.cfg["axes"]
+    if axes not in ("both", "input"):
+        raise ValueError(f"axes must be 'both' or 'input', got {axes!r}")
+    return (_pow2(c.m) if axes == "both" else c.m), _pow2(c.n)
+
+
+def _qwha_setup(c):
+    M, N = _qwha_sizes(c)
+    _c_frequency(c, M, N)
+    return dict(values=c.g.param((c.cfg["n_frequency"],)))
+
+
+def _qwha_fwd(c, P, x):
+    g = c.g
+    M, N = _qwha_sizes(c)
+    xf = _flat(g, x, c)
+    if N != c.n:
+        xf = g.copy("pad", xf, shape=(c.tokens, N))
+    z = sparse_spectrum_matmul(g, wht(g, xf, c.tokens, N), g.cast(P["values"], c.acc), M)
+    if c.cfg["axes"] == "both":
+        z = g.view(wht(g, z, c.tokens, M), (c.tokens, c.m), bwd_kernels=2)
+    return g.cast(g.ew("scale", z, grads="linear"), c.eb)
+
+
+def _qwha_dw(c, P, W0):
+    g = c.g
+    M, N = _qwha_sizes(c)
+    out = wht(g, _dense_spectrum(g, g.cast(P["values"], c.acc), (M, N)), M, N)
+    if c.cfg["axes"] == "both":
+        out = wht(g, out, N, M)  # along axis 0
+    return g.cast(g.ew("scale", g.view(out, (c.m, c.n), bwd_kernels=2), grads="linear"), c.eb)
+
+
+_register("qwha", setup=_qwha_setup, forward=_qwha_fwd, delta=_qwha_dw)
+
+
+# ----------------------------------------------------------------------------- DoRA
+def _dora_setup(c):
+    r, g = c.rank(), c.g
+    return dict(A=g.param((r, c.n)), B=g.param((c.m, r)), magnitude=g.param((c.m,)))
+
+
+def row_norms(g: CostGraph, W0: T, B: T, A: T, acc: float) -> T:
+    """``lowrank_row_norms``: ‖W0 + sBA‖ per row in O(mnr) without the m×n product."""
+    m = W0.shape[0]
+    W0, B, A = g.cast(W0, acc), g.cast(B, acc), g.cast(A, acc)
+    w2 = g.reduce("sum", g.ew("mul", W0, W0), (m,))
+    cross = g.reduce("sum", g.ew("mul", g.mm(W0, _tr(g, A)), B), (m,))
+    ba2 = g.reduce("sum", g.ew("mul", g.mm(B, g.mm(A, _tr(g, A))), B), (m,))
+    sq = g.ew("add", g.ew("add", w2, g.ew("scale", cross, grads="linear"), grads="add"),
+              g.ew("scale", ba2, grads="linear"), grads="add")
+    ref = g.ew("scale", g.ew("add", w2, g.ew("scale", ba2, grads="linear"), grads="add"), grads="linear")
+    bad = g.ew("lt", sq, ref, grads="none", out_eb=1)
+    g.reduce("any", bad, ())
+    g.launch("host_sync")  # bool(bad.any())
+    # where(sq > 0, sq.clamp_min(tiny).sqrt(), zeros_like(sq)): a root with derivative 0 at 0
+    positive = g.ew("gt", sq, grads="none", out_eb=1)
+    root = g.ew("sqrt", g.ew("clamp_min", sq, grads="linear"), grads="linear")
+    return g.ew("where", positive, root, g.fill("zeros_like", (m,), eb=sq.eb))
+
+
+def _row_scale(c, P, W0):
+    """``DoRA.row_scale``: g / max(ν, eps), the norm ν detached when ``detach_norm``."""
+    g = c.g
+    if c.cfg["detach_norm"]:
+        with g.no_grad():
+            nu = row_norms(g, W0, P["B"], P["A"], c.acc)
+    else:
+        nu = row_norms(g, W0, P["B"], P["A"], c.acc)
+    return g.ew("div", g.cast(P["magnitude"], nu.eb), g.ew("clamp_min", nu, grads="linear"))
+
+
+def _dora_layer(c, P, x, base_out, W0):
+    g = c.g
+    scale = _row_scale(c, P, W0)
+    pre = base_out if c.bias is None else g.ew("sub", base_out, c.bias, grads="sub")
+    pre = g.ew("add", pre, g.cast(_lowrank(c, x, P["A"], P["B"]), c.eb), grads="add")
+    out = g.ew("mul", g.cast(scale, c.eb), pre)
+    return out if c.bias is None else g.ew("add", out, c.bias, grads="add")
+
+
+def _dora_dw(c, P, W0):
+    g = c.g
+    scale = _row_scale(c, P, W0)
+    Wa = g.cast(W0, c.acc)
+    V = g.ew("add", Wa, _scale_mm(g, g.cast(P["B"], c.acc), g.cast(P["A"], c.acc)), grads="add")
+    out = g.ew("sub", g.ew("mul", g.view(scale, (c.m, 1)), V), Wa, grads="sub")
+    return g.cast(out, c.eb)
+
+
+def _scale_mm(g, a, b):
+    return g.ew("scale", g.mm(a, b), grads="linear")
+
+
+def _dora_fused_layer(c, P, x, W0):
+    """``DoRA.fused_output``: c ⊙ lora_linear(x) (``addcmul`` with the bias when there is one)."""
+    g = c.g
+    z = lora_linear(c, x, W0, P["A"], P["B"])
+    scale = g.cast(_row_scale(c, P, W0), c.eb)
+    if c.bias is None:
+        return g.ew("mul", z, scale)
+    return g.ew("addcmul", c.bias, z, scale, flops=2.0)
+
+
+_register("dora", setup=_dora_setup, layer=_dora_layer, delta=_dora_dw, fused=lambda c: True,
+          fused_layer=_dora_fused_layer)
+
+
+# ----------------------------------------------------------------------------- SSF
+def _ssf_setup(c):
+    return dict(gamma=c.g.param((c.m,)), beta=c.g.param((c.m,)))
+
+
+_register("ssf", setup=_ssf_setup,
+          layer=lambda c, P, x, base_out, W0: c.g.ew("add", c.g.ew("mul", base_out, P["gamma"]), P["beta"],
+                                                       grads="add"),
+          delta=lambda c, P, W0: c.g.ew("mul", c.g.view(c.g.ew("sub1", P["gamma"], grads="linear"), (c.m, 1)), W0))
+
+
+# ----------------------------------------------------------------------------- HUT
+def _hut_setup(c):
+    r, g = c.rank(), c.g
+    return dict(B=g.param((c.m, r)), A=g.param((r, c.n)))
+
+
+def _hut_layer(c, P, x, base_out, W0):
+    """``apply_transformed``: the frozen output is recomputed (and ``base_out`` dropped)."""
+    g, r = c.g, P["A"].shape[0]
+    if c.path == "dense":
+        y = g.mm(x, _tr(g, g.ew("mul", W0, g.mm(P["B"], P["A"]))))
+    else:
+        xa = g.ew("mul", g.view(x, (c.tokens, 1, c.n)), P["A"])  # (T, r, n)
+        z = g.view(g.mm(g.view(xa, (c.tokens * r, c.n)), _tr(g, W0)), (c.tokens, r, c.m))
+        y = g.reduce("sum", g.ew("mul", z, _tr(g, P["B"])), (c.tokens, c.m))
+    return y if c.bias is None else g.ew("add", y, c.bias, grads="add")
+
+
+_register("hut", setup=_hut_setup, layer=_hut_layer,
+          delta=lambda c, P, W0: c.g.ew("mul", W0, c.g.ew("sub1", c.g.mm(P["B"], P["A"]), grads="linear")))
