@@ -62,7 +62,7 @@ def plot(rows: list[dict], path) -> list:
     methods = list(dict.fromkeys(r["method"] for r in rows))
     cols = min(3, len(targets))
     nrows = -(-len(targets) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False, layout="constrained")
     for ax, t in zip(axes.ravel(), targets):
         for m in methods:
             pts = sorted((r["budget"], r["error"]) for r in rows if r["target"] == t and r["method"] == m)
