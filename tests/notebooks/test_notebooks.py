@@ -35,3 +35,13 @@ def test_notebook_executes_and_claims_hold(path, monkeypatch):
     ran = [c for c in nb.cells if c.cell_type == "code"]
     assert ran and all(c.get("execution_count") for c in ran)
     assert os.environ.get("LRT_SCALE") == "quick"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_paired_ipynb_is_in_sync(path):
+    """Each reviewed ``.py`` has its ``.ipynb`` twin for users, with the same cells (``jupytext --sync``)."""
+    ipynb = path.with_suffix(".ipynb")
+    assert ipynb.is_file(), f"missing {ipynb.name}: run `jupytext --to ipynb {path.name}` in notebooks/"
+    py_cells = [(c.cell_type, c.source.strip()) for c in jupytext.read(path).cells]
+    nb_cells = [(c.cell_type, c.source.strip()) for c in jupytext.read(ipynb).cells]
+    assert py_cells == nb_cells, f"{ipynb.name} is out of date: run `jupytext --sync {path.name}`"
