@@ -1,0 +1,467 @@
+r"""Put adapters into any ``nn.Module``: pick target layers by name, wrap them, freeze the rest.
+
+:func:`inject` replaces every target ``nn.Linear`` (or GPT-2 ``Conv1D``) by
+:class:`~lowrank_theory.adapters.AdaptedLinear` ``(base, adapter)``, so the adapted layer computes
+:math:`y = W_0 x + b_0 + \Delta W x` (or the method's multiplicative form), and freezes every
+parameter that does not belong to an adapter.  Targets follow PEFT's habits:
+
+* a plain string is an exact module name or a name suffix on a dot boundary
+  (``"query"`` and ``".query"`` both match ``encoder.layer.0.attention.self.query``);
+* ``"re:<pattern>"`` or a compiled ``re.Pattern`` must match the *whole* name (``re.fullmatch``,
+  as PEFT does with a string ``target_modules``);
+* a list mixes the above; every entry must match at least one module (a typo is an error,
+  where PEFT only complains when nothing matched at all);
+* ``"all-linear"`` takes every Linear / Conv1D except the output head: the module returned by
+  ``model.get_output_embeddings()`` and anything under a ``lm_head``, ``classifier`` or ``score``
+  module (PEFT's ``SEQ_CLS_HEAD_NAMES`` plus the usual LM head name).
+
+Work is done in two phases so that a failure leaves the model untouched: :func:`prepare` resolves
+the names and builds every adapter (reading the frozen weights for methods with ``from_weight``)
+without changing the model; :meth:`InjectionPlan.apply` then swaps the modules in, writes any new
+base weight and freezes.  :func:`inject` is ``prepare(...).apply()``; checkpoint loading uses the
+two phases to validate a file against the adapters it would build before touching anything.
+
+Shared state.  A keyword in ``cfg`` is passed unchanged to every layer's constructor, so one
+object given once (e.g. ``shared=UniLoRAShared(d=1024)``) is shared by all injected layers.
+Adapter classes may also expose a classmethod ``make_shared(shapes, **cfg) -> dict`` that builds
+model-level state from the list of target shapes ``[(d_out, d_in), ...]`` and returns extra
+constructor keywords for every layer; and a class whose constructor takes ``basis_shape`` (VeRA,
+RandLoRA: one frozen random pair sliced by every layer) gets the largest target shape when the
+caller does not pass one.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import __version__, adapters
+from ..adapters import AdaptedLinear, Adapter
+from ..linalg.random import derive_seed
+
+__all__ = [
+    "CONFIG_ATTR",
+    "OUTPUT_HEAD_NAMES",
+    "InjectionPlan",
+    "adapted_layers",
+    "disable",
+    "find_targets",
+    "inject",
+    "is_linear",
+    "merge",
+    "prepare",
+    "summary",
+    "to_json",
+    "trainable_parameters",
+    "unmerge",
+]
+
+#: Attribute of the model that holds the list of injection records (plain JSON-able dicts).
+CONFIG_ATTR = "lowrank_adapter_config"
+#: Module names treated as output heads by ``"all-linear"`` (any path component).
+OUTPUT_HEAD_NAMES = ("lm_head", "classifier", "score")
+
+Target = str | re.Pattern
+Targets = Target | Sequence[Target]
+
+
+# ============================================================================ helpers
+def is_linear(module: nn.Module) -> bool:
+    """True for ``nn.Linear`` and for transformers' ``Conv1D`` (GPT-2's weight-transposed linear)."""
+    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
+
+
+def _weight_2d(base: nn.Module) -> torch.Tensor:
+    """The base weight as (d_out, d_in) -- a transposed view for Conv1D."""
+    return base.weight if isinstance(base, nn.Linear) else base.weight.T
+
+
+def to_json(value: Any) -> Any:
+    """A JSON-able copy of a config value: tuples become lists, dtypes strings, other objects a marker.
+
+    Objects that cannot be written (a shared module, a callable) become
+    ``{"__object__": "<type name>"}``; re-injecting from such a record needs the object again.
+    """
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value
+    if isinstance(value, list | tuple):
+        return [to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): to_json(v) for k, v in value.items()}
+    if isinstance(value, torch.dtype):
+        return str(value)
+    if isinstance(value, re.Pattern):
+        return "re:" + value.pattern
+    return {"__object__": type(value).__qualname__}
+
+
+def _target_list(targets: Targets, name: str) -> list[Target]:
+    if isinstance(targets, str | re.Pattern):
+        return [targets]
+    if isinstance(targets, Iterable):
+        out = list(targets)
+        for t in out:
+            if not isinstance(t, str | re.Pattern):
+                raise TypeError(f"{name} entries must be str or re.Pattern, got {type(t).__name__}")
+        if not out:
+            raise ValueError(f"{name} must not be empty")
+        return out
+    raise TypeError(f"{name} must be a str, an re.Pattern or a list of them, got {type(targets).__name__}")
+
+
+def _matches(target: Target, key: str) -> bool:
+    if isinstance(target, re.Pattern):
+        return target.fullmatch(key) is not None
+    if target.startswith("re:"):
+        return re.fullmatch(target[3:], key) is not None
+    suffix = target.lstrip(".")
+    if not suffix:
+        raise ValueError(f"target {target!r} is empty")
+    return key == suffix or key.endswith("." + suffix)
+
+
+def _some_names(model: nn.Module, limit: int = 12) -> str:
+    lin = [n for n, m in model.named_modules() if n and is_linear(m)]
+    shown = ", ".join(lin[:limit]) + (", ..." if len(lin) > limit else "")
+    return f"{len(lin)} Linear/Conv1D modules: {shown}" if lin else "the model has no Linear/Conv1D module"
+
+
+def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Named submodules that may be targeted: not the root, nothing inside an AdaptedLinear."""
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, AdaptedLinear)]
+    out = []
+    for n, m in model.named_modules():
+        if n and not any(n.startswith(w + ".") for w in wrapped):
+            out.append((n, m))
+    return out
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    heads: set[str] = set()
+    getter = getattr(model, "get_output_embeddings", None)
+    if callable(getter):
+        try:
+            emb = getter()
+        except (NotImplementedError, AttributeError):
+            emb = None
+        if isinstance(emb, nn.Module):
+            heads |= {n for n, m in model.named_modules() if m is emb}
+    for n, _ in model.named_modules():
+        if any(part in OUTPUT_HEAD_NAMES for part in n.split(".")):
+            heads.add(n)
+    return heads
+
+
+def find_targets(model: nn.Module, targets: Targets = "all-linear", exclude: Targets | None = None) -> list[str]:
+    """Names of the modules ``targets`` selects (minus ``exclude``), in ``named_modules`` order.
+
+    Parameters
+    ----------
+    model : nn.Module
+    targets : str, re.Pattern or list of them
+        See the module docstring (exact name, dotted suffix, ``"re:"`` full match, ``"all-linear"``).
+    exclude : same as ``targets``, optional
+        Modules to leave alone (exclusions need not match anything).
+
+    Returns
+    -------
+    list of str
+
+    Raises
+    ------
+    ValueError
+        If a target entry matches no module (the message lists some module names), or a matched
+        module is already adapted.
+    TypeError
+        If a matched module is neither ``nn.Linear`` nor ``Conv1D``, or the arguments have the wrong type.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    cands = _candidates(model)
+    chosen: dict[str, nn.Module] = {}
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        heads = _output_head_names(model)
+        chosen = {n: m for n, m in cands if is_linear(m) and n not in heads}
+        if not chosen:
+            raise ValueError(f"targets='all-linear' matched no module outside the output head; {_some_names(model)}")
+    else:
+        for t in _target_list(targets, "targets"):
+            hits = {n: m for n, m in cands if _matches(t, n)}
+            if not hits:
+                raise ValueError(f"target {to_json(t)!r} matched no module; {_some_names(model)}")
+            chosen.update(hits)
+    if exclude is not None:
+        ex = _target_list(exclude, "exclude")
+        chosen = {n: m for n, m in chosen.items() if not any(_matches(t, n) for t in ex)}
+        if not chosen:
+            raise ValueError(f"every target module is excluded by exclude={to_json(exclude)!r}")
+    for n, m in chosen.items():
+        if isinstance(m, AdaptedLinear):
+            raise ValueError(f"module {n!r} is already adapted ({type(m.adapter).__name__})")
+        if not is_linear(m):
+            raise TypeError(f"target module {n!r} is {type(m).__name__}; only nn.Linear and Conv1D can be adapted")
+    order = {n: i for i, (n, _) in enumerate(cands)}
+    return sorted(chosen, key=order.__getitem__)
+
+
+# ============================================================================ planning
+@dataclass
+class InjectionPlan:
+    """Adapters built for a model but not yet put into it (see :func:`prepare`)."""
+
+    model: nn.Module
+    record: dict[str, Any]
+    adapters: dict[str, Adapter]
+    new_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    applied: bool = False
+
+    def apply(self) -> nn.Module:
+        """Swap the adapted layers in, write new base weights, freeze, record; return the model."""
+        if self.applied:
+            raise ValueError("this InjectionPlan was already applied")
+        for name in self.adapters:  # the model may have changed since prepare()
+            mod = self.model.get_submodule(name)
+            if not is_linear(mod):
+                raise ValueError(f"module {name!r} is no longer a Linear/Conv1D ({type(mod).__name__})")
+        with torch.no_grad():
+            for name, ad in self.adapters.items():
+                parent_name, _, attr = name.rpartition(".")
+                parent = self.model.get_submodule(parent_name)
+                base = getattr(parent, attr)
+                if name in self.new_weights:
+                    w = self.new_weights[name]
+                    base.weight.copy_(w if isinstance(base, nn.Linear) else w.T)
+                setattr(parent, attr, AdaptedLinear(base, ad))
+        freeze_non_adapter(self.model)
+        records = list(getattr(self.model, CONFIG_ATTR, None) or [])
+        records.append(self.record)
+        setattr(self.model, CONFIG_ATTR, records)
+        self.applied = True
+        return self.model
+
+
+def _cast_floating(ad: Adapter, dtype: torch.dtype | None, device: torch.device) -> Adapter:
+    # Module.to(dtype) would also cast complex buffers to a real dtype; cast floating tensors only.
+    if dtype is not None:
+        ad._apply(lambda t: t.to(dtype) if t.is_floating_point() else t)
+    return ad.to(device)
+
+
+def _shared_kwargs(cls: type[Adapter], shapes: list[tuple[int, int]], cfg: dict[str, Any]) -> dict[str, Any]:
+    maker = getattr(cls, "make_shared", None)
+    extra: dict[str, Any] = {}
+    if callable(maker):
+        extra = dict(maker(shapes, **cfg))
+    params = inspect.signature(cls.__init__).parameters
+    if "basis_shape" in params and "basis_shape" not in cfg and "basis_shape" not in extra:
+        extra["basis_shape"] = (max(s[0] for s in shapes), max(s[1] for s in shapes))
+    return extra
+
+
+def prepare(
+    model: nn.Module,
+    method: str,
+    targets: Targets = "all-linear",
+    exclude: Targets | None = None,
+    *,
+    from_weight: bool | None = None,
+    dtype: torch.dtype | None = None,
+    layer_seeds: bool = False,
+    **cfg: Any,
+) -> InjectionPlan:
+    """Resolve targets and build every adapter without changing ``model`` (arguments as :func:`inject`)."""
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a str (a registered adapter name), got {type(method).__name__}")
+    cls = adapters.get(method)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+    if not isinstance(layer_seeds, bool):
+        raise TypeError(f"layer_seeds must be a bool, got {type(layer_seeds).__name__}")
+    if layer_seeds and not isinstance(cfg.get("seed"), int):
+        raise ValueError(f"layer_seeds=True needs an int seed in the config, got seed={cfg.get('seed')!r}")
+    use_fw = callable(getattr(cls, "from_weight", None)) if from_weight is None else bool(from_weight)
+    if use_fw and not callable(getattr(cls, "from_weight", None)):
+        raise ValueError(f"from_weight=True but adapter {method!r} has no from_weight constructor")
+    names = find_targets(model, targets, exclude)
+    bases = {n: model.get_submodule(n) for n in names}
+    shapes = [tuple(_weight_2d(b).shape) for b in bases.values()]
+    extra = _shared_kwargs(cls, shapes, cfg)
+    built: dict[str, Adapter] = {}
+    new_weights: dict[str, torch.Tensor] = {}
+    for name, base in bases.items():
+        W = _weight_2d(base)
+        d_out, d_in = W.shape
+        kw = {**cfg, **extra}
+        if layer_seeds:
+            kw["seed"] = derive_seed(cfg["seed"], name)
+        if use_fw:
+            ad, W_new = cls.from_weight(W.detach(), **kw)
+            if W_new is not None and W_new is not W and W_new.data_ptr() != W.data_ptr():
+                if tuple(W_new.shape) != (d_out, d_in) or not bool(torch.isfinite(W_new).all()):
+                    raise ValueError(
+                        f"{method}.from_weight returned a base weight of shape {tuple(W_new.shape)} "
+                        f"(expected {(d_out, d_in)}) or with NaN/Inf for {name!r}"
+                    )
+                new_weights[name] = W_new.detach().to(device=W.device, dtype=W.dtype)
+        else:
+            ad = cls(d_out, d_in, **kw)
+        if not isinstance(ad, Adapter):
+            raise TypeError(f"{method} built a {type(ad).__name__} for {name!r}, not an Adapter")
+        built[name] = _cast_floating(ad, dtype or W.dtype, W.device)
+    record = {
+        "method": method,
+        "cfg": to_json({**cfg, **{k: v for k, v in extra.items() if k == "basis_shape"}}),
+        "targets": to_json(targets),
+        "exclude": to_json(exclude),
+        "layers": names,
+        "from_weight": use_fw,
+        "dtype": None if dtype is None else str(dtype).removeprefix("torch."),
+        "layer_seeds": layer_seeds,
+        "library_version": __version__,
+    }
+    return InjectionPlan(model, record, built, new_weights)
+
+
+def inject(
+    model: nn.Module,
+    method: str,
+    targets: Targets = "all-linear",
+    exclude: Targets | None = None,
+    *,
+    from_weight: bool | None = None,
+    dtype: torch.dtype | None = None,
+    layer_seeds: bool = False,
+    **cfg: Any,
+) -> nn.Module:
+    r"""Wrap every target layer of ``model`` with the adapter ``method``; freeze everything else.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Any module (a Hugging Face model included); changed in place.
+    method : str
+        A registered adapter name (``lowrank_theory.adapters.names()``).
+    targets : str, re.Pattern or list of them, default ``"all-linear"``
+        Which modules to adapt (see the module docstring).
+    exclude : same as ``targets``, optional
+        Modules to leave alone.
+    from_weight : bool, optional
+        Build each adapter with ``cls.from_weight(W0, **cfg)`` (PiSSA, LoRA-XS, LoLDU, QWHA, ...),
+        replacing the base weight when the method returns a new one.  Default: when the class has it.
+    dtype : torch.dtype, optional
+        Floating dtype of the adapters' floating tensors; default each base weight's dtype.
+    layer_seeds : bool
+        Give layer ``name`` the seed ``derive_seed(seed, name)`` instead of ``seed`` itself, so
+        per-layer random tensors differ (leave False where the method shares them, e.g. VeRA).
+    **cfg
+        The adapter's constructor keywords (``rank=8, alpha=16``); passed unchanged to every layer.
+
+    Returns
+    -------
+    nn.Module
+        ``model`` itself, with ``model.lowrank_adapter_config`` (a list of JSON-able records:
+        method, cfg, targets, exclude, layer names, ...) appended to.
+
+    Raises
+    ------
+    ValueError
+        Unknown method, a target that matches nothing, an already adapted target, bad config.
+    TypeError
+        A target that is not ``nn.Linear`` / ``Conv1D``, or arguments of the wrong type.
+
+    Notes
+    -----
+    The adapted layer computes :math:`y = W_0 x + b_0 + \Delta W x` for additive methods; every
+    parameter of ``model`` outside an adapter gets ``requires_grad=False``.  Nothing is changed
+    when an error is raised (all adapters are built first).
+    """
+    return prepare(
+        model, method, targets, exclude, from_weight=from_weight, dtype=dtype, layer_seeds=layer_seeds, **cfg
+    ).apply()
+
+
+# ============================================================================ model-level operations
+def adapted_layers(model: nn.Module) -> dict[str, AdaptedLinear]:
+    """``{name: AdaptedLinear}`` for every adapted layer of ``model``, in module order."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    return {n: m for n, m in model.named_modules() if isinstance(m, AdaptedLinear)}
+
+
+def _require_layers(model: nn.Module) -> dict[str, AdaptedLinear]:
+    layers = adapted_layers(model)
+    if not layers:
+        raise ValueError("model has no adapted layer; call inject() first")
+    return layers
+
+
+def freeze_non_adapter(model: nn.Module) -> None:
+    """``requires_grad=False`` on every parameter that is not inside an adapter."""
+    keep = {id(p) for layer in adapted_layers(model).values() for p in layer.adapter.parameters()}
+    for p in model.parameters():
+        if id(p) not in keep:
+            p.requires_grad_(False)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters with ``requires_grad`` (each shared tensor once), for an optimizer."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight (:meth:`AdaptedLinear.merge`); return ``model``."""
+    for layer in _require_layers(model).values():
+        layer.merge()
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Undo :func:`merge` on every adapted layer; return ``model``."""
+    for layer in _require_layers(model).values():
+        layer.unmerge()
+    return model
+
+
+@contextmanager
+def disable(model: nn.Module) -> Iterator[nn.Module]:
+    """Context manager: every adapted layer computes its base output only (restored on exit)."""
+    layers = list(_require_layers(model).values())
+    prev = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer, p in zip(layers, prev, strict=True):
+            layer.disabled = p
+
+
+def summary(model: nn.Module) -> str:
+    """A table of the adapted layers (name, method, shape, trainable) and the totals.
+
+    The total counts each shared tensor once (``model.parameters()`` deduplicates), so with a
+    model-wide vector (Uni-LoRA) the per-layer counts add up to more than the total.
+    """
+    layers = _require_layers(model)
+    rows = [("layer", "method", "shape", "trainable")]
+    for n, layer in layers.items():
+        ad = layer.adapter
+        rows.append((n, type(ad).name, f"{ad.d_out}x{ad.d_in}", f"{ad.num_trainable:,}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    adapter_ids = {id(p) for layer in layers.values() for p in layer.adapter.parameters()}
+    params = list(model.parameters())
+    base = sum(p.numel() for p in params if id(p) not in adapter_ids)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    pct = 100.0 * trainable / base if base else float("inf")
+    lines.append(f"trainable: {trainable:,} of {base:,} base parameters ({pct:.4f}%) in {len(layers)} adapted layers")
+    return "\n".join(lines)
