@@ -1,0 +1,109 @@
+"""Training side: adapters inside real models, training rules, rank schedules, a trainer, data and tasks.
+
+* :mod:`~lowrank_theory.training.inject` -- :func:`inject` (targets by name, suffix, regex or
+  ``"all-linear"``), :func:`merge`, :func:`unmerge`, :func:`disable`, :func:`summary`, ...
+* :mod:`~lowrank_theory.training.checkpoint` -- :func:`save_adapters` / :func:`load_adapters`
+  (safetensors + JSON; frozen random bases regenerated from seeds; ``resize=True`` after a rank change).
+* :mod:`~lowrank_theory.training.peft_format` -- :func:`export_peft` / :func:`import_peft` for
+  LoRA, rsLoRA and DoRA in PEFT's ``adapter_config.json`` + ``adapter_model.safetensors``.
+* :mod:`~lowrank_theory.training.optim`, :mod:`~lowrank_theory.training.optim_projected`,
+  :mod:`~lowrank_theory.training.perturb` -- LoRA+, ALLoRA, LoRA-Pro, AltLoRA, GGPO;
+  :func:`make_optimizer` by name.
+* :mod:`~lowrank_theory.training.schedules` (with :mod:`~lowrank_theory.training.increlora` and
+  :mod:`~lowrank_theory.training.rank_change`) -- AdaLoRA, SoRA, IncreLoRA, LoRA-Squeeze rank
+  schedules that replace tensors; :func:`remap_optimizer` keeps an optimizer in step with them.
+* :mod:`~lowrank_theory.training.trainer` (settings in :mod:`~lowrank_theory.training.train_config`) --
+  :class:`Trainer` / :class:`TrainConfig` (AdamW or any
+  rule, LR schedule, accumulation, bf16 on CUDA, eval, early stop, JSONL/CSV metrics, safetensors
+  checkpoints and resume, DDP under ``torchrun``).
+* :mod:`~lowrank_theory.training.data`, :mod:`~lowrank_theory.training.tasks`,
+  :mod:`~lowrank_theory.training.real_updates` -- offline MiniLM and tiny GPT-2, standard-library
+  text, the teacher--student and docstring tasks, real fine-tuning updates and gradients.
+* :mod:`~lowrank_theory.training.cli_train` -- the ``lowrank-theory train`` subcommand.
+"""
+
+from __future__ import annotations
+
+from .checkpoint import load_adapters, save_adapters
+from .data import (
+    ByteTokenizer,
+    TextDataset,
+    docstring_dataset,
+    load_model,
+    load_text_dataset,
+    stdlib_sentences,
+    tiny_gpt2,
+)
+from .increlora import IncreLoRASchedule, grow_adalora
+from .inject import (
+    adapted_layers,
+    disable,
+    find_targets,
+    inject,
+    merge,
+    prepare,
+    summary,
+    trainable_parameters,
+    unmerge,
+)
+from .optim import make_optimizer
+from .peft_format import export_peft, import_peft
+from .rank_change import ParamRemap, RankChange, RankSchedule, remap_optimizer
+from .real_updates import GradientTrace, real_finetune_delta, real_layer_gradients
+from .schedules import AdaLoRASchedule, LoRASqueezeSchedule, SoRASchedule, make_schedule, squeeze_model
+from .tasks import (
+    SequenceClassifier,
+    Task,
+    classification_task,
+    make_task,
+    planted_delta,
+    teacher_student_task,
+)
+from .trainer import TrainConfig, Trainer, init_distributed
+
+__all__ = [
+    "AdaLoRASchedule",
+    "ByteTokenizer",
+    "GradientTrace",
+    "IncreLoRASchedule",
+    "LoRASqueezeSchedule",
+    "ParamRemap",
+    "RankChange",
+    "RankSchedule",
+    "SequenceClassifier",
+    "SoRASchedule",
+    "Task",
+    "TextDataset",
+    "TrainConfig",
+    "Trainer",
+    "adapted_layers",
+    "classification_task",
+    "disable",
+    "docstring_dataset",
+    "export_peft",
+    "find_targets",
+    "grow_adalora",
+    "import_peft",
+    "init_distributed",
+    "inject",
+    "load_adapters",
+    "load_model",
+    "load_text_dataset",
+    "make_optimizer",
+    "make_schedule",
+    "make_task",
+    "merge",
+    "planted_delta",
+    "prepare",
+    "real_finetune_delta",
+    "real_layer_gradients",
+    "remap_optimizer",
+    "save_adapters",
+    "squeeze_model",
+    "stdlib_sentences",
+    "summary",
+    "teacher_student_task",
+    "tiny_gpt2",
+    "trainable_parameters",
+    "unmerge",
+]
