@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -23,8 +25,9 @@
 # LoRA-Pro's adjusted gradients reach it exactly; alternating exact projected steps (AltLoRA) reach
 # it too under a unit-Hessian model.
 #
-# Gradients here are random with a $1/(1+i)$ spectrum (the MiniLM gradients arrive with the
-# training layer; see the issue note).
+# Two sources of $G$: random with a $1/(1+i)$ spectrum, and real full-weight gradients of MiniLM's
+# first query and last value projections taken along a short LoRA run on the docstring task (with
+# the LoRA factors $B, A$ of that step), column `source` = `minilm`.
 
 # %%
 import os
