@@ -22,6 +22,9 @@ EXPERIMENTS = {
     "complexity": ".complexity",
     "squeeze": ".squeeze",
     "random_bases": ".random_bases",
+    "init_from_update": ".init_from_update",
+    "lr_sensitivity": ".lr_sensitivity",
+    "rank_allocation": ".rank_allocation",
 }
 
 
