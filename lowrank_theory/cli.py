@@ -42,7 +42,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
                                 device=args.device, seed=args.seed, progress=not args.no_progress)
     failed = [s for s in summaries if s["problems"]]
     for s in summaries:
-        state = "ok" if not s["problems"] else "CLAIM FAILS"
+        state = "skipped: " + s["skipped"] if s.get("skipped") else ("ok" if not s["problems"] else "CLAIM FAILS")
         print(f"{s['name']:<16} {s['seconds']:7.1f} s  {s['rows']:5d} rows  {state}")
     print(f"report: {args.out}/index.html  ({time.perf_counter() - t0:.1f} s)")
     return 1 if failed else 0

@@ -63,3 +63,23 @@ def test_console_script_is_installed():
     res = subprocess.run([*cmd, "info"], capture_output=True, text=True, timeout=120, check=False)
     assert res.returncode == 0, res.stderr
     assert "lowrank_theory" in res.stdout and "lora" in res.stdout
+
+
+def test_experiment_needing_a_missing_extra_is_skipped_not_crashed(tmp_path, capsys, monkeypatch):
+    from lowrank_theory.experiments import load
+
+    mod = load("regimes")
+
+    def missing(*args, **kwargs):
+        raise ImportError("needs `pip install lowrank_theory[train]`")
+
+    monkeypatch.setattr(mod, "run", missing)
+    out = tmp_path / "r"
+    assert main(["reproduce", "regimes", "limits", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "skipped" in printed and "lowrank_theory[train]" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    reg, lim = summary["experiments"]
+    assert reg["skipped"] and reg["rows"] == 0 and not (out / "regimes.png").exists()
+    assert lim["rows"] > 0 and (out / "limits.png").is_file()
+    assert "Skipped" in (out / "report.md").read_text()

@@ -48,7 +48,13 @@ def run_experiments(selected: list[str] | None, out: str | Path, *, scale: str =
     for mod in bar:
         bar.set_postfix_str(mod.NAME)
         t0 = time.perf_counter()
-        rows = mod.run(scale, backend=backend, device=device, seed=seed)
+        try:
+            rows = mod.run(scale, backend=backend, device=device, seed=seed)
+        except ImportError as exc:  # an optional extra (e.g. `train`: transformers + MiniLM) is missing
+            log.warning("%s skipped: %s", mod.NAME, exc)
+            summaries.append(dict(name=mod.NAME, title=mod.TITLE, claim=mod.CLAIM, seconds=time.perf_counter() - t0,
+                                  rows=0, files=[], problems=[], skipped=str(exc)))
+            continue
         secs = time.perf_counter() - t0
         stem = out / mod.NAME
         files = write_table(rows, stem) + mod.plot(rows, stem)
@@ -71,6 +77,10 @@ def _write_report(out: Path, summaries: list[dict], **meta: Any) -> None:
              f"<p>scale <code>{meta['scale']}</code>, backend <code>{meta['backend']}</code>, "
              f"device <code>{meta['device']}</code></p>"]
     for s in summaries:
+        if s.get("skipped"):
+            md += [f"## {s['title']}", "", f"*Skipped:* {s['skipped']}", ""]
+            parts += [f"<h2>{html.escape(s['title'])}</h2>", f"<p><em>Skipped:</em> {html.escape(s['skipped'])}</p>"]
+            continue
         status = "claim holds" if not s["problems"] else "CLAIM FAILS: " + "; ".join(s["problems"])
         png = next(f for f in s["files"] if f.endswith(".png"))
         md += [f"## {s['title']}", "", f"*Claim:* {s['claim']}", "", f"**{status}** ({s['seconds']:.1f} s, "
