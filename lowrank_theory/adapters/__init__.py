@@ -17,6 +17,7 @@ __all__ = ["AdaptedLinear", "Adapter", "create", "get", "names", "register"]
 # One file per family; each registers its classes on import.
 _FAMILIES = (
     "lowrank",
+    "lowrank_variants",
     "adaptive_rank",
     "squeeze",
     "svd_based",

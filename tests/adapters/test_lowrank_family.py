@@ -16,16 +16,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lowrank_theory import adapters
 from lowrank_theory.adapters import AdaptedLinear
-from lowrank_theory.adapters.lowrank import (
-    BlockLoRA,
-    CompLoRA,
-    LoRA,
-    MiLoRA,
-    PiSSA,
-    S2LoRA,
-    S2LoRAShared,
-    coefficient_l1_penalty,
-)
+from lowrank_theory.adapters.lowrank import LoRA, MiLoRA, PiSSA
+from lowrank_theory.adapters.lowrank_variants import BlockLoRA, CompLoRA, S2LoRA, S2LoRAShared, coefficient_l1_penalty
 from tests.adapters.contract import AdapterContract, make_base, randomize_, relerr
 from tests.conftest import tol
 

@@ -19,7 +19,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lowrank_theory import adapters
-from lowrank_theory.adapters.lowrank import BlockLoRA, LoRA
+from lowrank_theory.adapters.lowrank import LoRA
+from lowrank_theory.adapters.lowrank_variants import BlockLoRA
 from tests.conftest import tol
 
 TOL = tol("float64")
