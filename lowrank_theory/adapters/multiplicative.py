@@ -43,7 +43,13 @@ def _kaiming_rows(rows: int, d_in: int, seed: int | None) -> torch.Tensor:
 
 # ============================================================================= DoRA
 def lowrank_row_norms(
-    W0: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: float = 1.0, *, refine_tol: float = 1e-3
+    W0: torch.Tensor,
+    B: torch.Tensor,
+    A: torch.Tensor,
+    scale: float = 1.0,
+    *,
+    refine_tol: float = 1e-3,
+    w0_sq: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Row norms :math:`\|W_0 + sBA\|_{i,:}` without forming the m×n product :math:`BA`.
 
@@ -57,6 +63,9 @@ def lowrank_row_norms(
     refine_tol : float
         Rows whose squared norm is below ``refine_tol`` times :math:`\|w_i\|^2 + s^2\|(BA)_i\|^2`
         (cancellation) are recomputed densely, one row of :math:`W_0 + sBA` each.
+    w0_sq : Tensor of shape (m,), optional
+        :math:`\|w_i\|^2` in the accumulation dtype, when the caller already has it (W0 is frozen,
+        so DoRA caches it instead of re-reading W0 for it every step).
 
     Returns
     -------
@@ -77,7 +86,7 @@ def lowrank_row_norms(
     """
     acc = _acc_dtype(W0, B, A)
     W0, B, A = W0.to(acc), B.to(acc), A.to(acc)
-    w2 = (W0 * W0).sum(dim=1)
+    w2 = (W0 * W0).sum(dim=1) if w0_sq is None else w0_sq.to(acc)
     cross = ((W0 @ A.T) * B).sum(dim=1)
     ba2 = ((B @ (A @ A.T)) * B).sum(dim=1)
     sq = w2 + (2.0 * scale) * cross + (scale * scale) * ba2
@@ -221,8 +230,21 @@ class DoRA(Adapter):
         W0 = self._require_base(base_weight)
         if self.detach_norm:
             with torch.no_grad():
-                return lowrank_row_norms(W0.detach(), self.B.detach(), self.A.detach(), self.scale)
-        return lowrank_row_norms(W0, self.B, self.A, self.scale)
+                return lowrank_row_norms(W0.detach(), self.B.detach(), self.A.detach(), self.scale,
+                                         w0_sq=self._w0_sq(W0))
+        return lowrank_row_norms(W0, self.B, self.A, self.scale, w0_sq=self._w0_sq(W0))
+
+    def _w0_sq(self, W0: torch.Tensor) -> torch.Tensor | None:
+        r""":math:`\|w_i\|^2` of the frozen W0, cached until W0 changes (in-place writes bump its version)."""
+        if W0.requires_grad:
+            return None
+        key = (W0.data_ptr(), W0._version, tuple(W0.shape), W0.dtype, W0.device)
+        cached = getattr(self, "_w0_sq_cache", None)
+        if cached is None or cached[0] != key:
+            W = W0.detach().to(_acc_dtype(W0, self.B, self.A))
+            cached = (key, (W * W).sum(dim=1))
+            self._w0_sq_cache = cached
+        return cached[1]
 
     def row_scale(self, base_weight: torch.Tensor) -> torch.Tensor:
         r""":math:`g / \max(\nu, \epsilon)` (m,) in the accumulation dtype."""

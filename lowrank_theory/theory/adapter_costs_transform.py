@@ -214,11 +214,14 @@ def _dora_setup(c):
     return dict(A=g.param((r, c.n)), B=g.param((c.m, r)), magnitude=g.param((c.m,)))
 
 
-def row_norms(g: CostGraph, W0: T, B: T, A: T, acc: float) -> T:
-    """``lowrank_row_norms``: ‖W0 + sBA‖ per row in O(mnr) without the m×n product."""
+def row_norms(g: CostGraph, W0: T, B: T, A: T, acc: float, *, cached_w0_sq: bool = False) -> T:
+    """``lowrank_row_norms``: ‖W0 + sBA‖ per row in O(mnr) without the m×n product.
+
+    ``cached_w0_sq``: ‖w_i‖² comes from DoRA's cache (W0 is frozen), not recomputed per call.
+    """
     m = W0.shape[0]
     W0, B, A = g.cast(W0, acc), g.cast(B, acc), g.cast(A, acc)
-    w2 = g.reduce("sum", g.ew("mul", W0, W0), (m,))
+    w2 = g.buffer((m,), eb=acc) if cached_w0_sq else g.reduce("sum", g.ew("mul", W0, W0), (m,))
     cross = g.reduce("sum", g.ew("mul", g.mm(W0, _tr(g, A)), B), (m,))
     ba2 = g.reduce("sum", g.ew("mul", g.mm(B, g.mm(A, _tr(g, A))), B), (m,))
     sq = g.ew("add", g.ew("add", w2, g.ew("scale", cross, grads="linear"), grads="add"),
@@ -238,9 +241,9 @@ def _row_scale(c, P, W0):
     g = c.g
     if c.cfg["detach_norm"]:
         with g.no_grad():
-            nu = row_norms(g, W0, P["B"], P["A"], c.acc)
+            nu = row_norms(g, W0, P["B"], P["A"], c.acc, cached_w0_sq=True)
     else:
-        nu = row_norms(g, W0, P["B"], P["A"], c.acc)
+        nu = row_norms(g, W0, P["B"], P["A"], c.acc, cached_w0_sq=True)
     return g.ew("div", g.cast(P["magnitude"], nu.eb), g.ew("clamp_min", nu, grads="linear"))
 
 

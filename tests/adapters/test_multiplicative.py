@@ -294,3 +294,24 @@ def test_hut_identity_init_and_bad_inputs():
         ad.B.zero_()
     with pytest.raises(ValueError, match="zero entries"):
         ad.unmerged_weight(torch.randn(6, 5))
+
+
+def test_dora_w0_norm_cache_follows_in_place_changes_of_w0():
+    """DoRA caches ‖w_i‖² of the frozen W0; an in-place write to W0 must invalidate it."""
+    from lowrank_theory.adapters.multiplicative import DoRA
+
+    torch.manual_seed(0)
+    W0 = torch.randn(6, 5, dtype=torch.float64)
+    ad = DoRA(6, 5, rank=2).double()
+    with torch.no_grad():
+        ad.B.normal_()
+    x = torch.randn(3, 5, dtype=torch.float64)
+
+    def dense():
+        V = W0 + ad.scale * ad.B @ ad.A
+        return x @ ((ad.magnitude / V.norm(dim=1))[:, None] * V).T
+
+    torch.testing.assert_close(ad.layer_output(x, x @ W0.T, W0, None), dense())
+    with torch.no_grad():
+        W0.mul_(2.0)  # same storage, new version: the cached norms are stale
+    torch.testing.assert_close(ad.layer_output(x, x @ W0.T, W0, None), dense())
