@@ -32,6 +32,22 @@ from .optim import _check_model_has_lora, adamw_direction, adamw_update_group, c
 __all__ = ["AltLoRA", "LoRAPro", "equivalent_gradient", "lorapro_factor_steps"]
 
 
+
+def _pair_groups(model: nn.Module, rule: str, kind: str) -> list[dict]:
+    """One param group ``[A, B]`` per LoRA layer with both trainable (tagged ``kind``), then the rest."""
+    groups, used = [], []
+    for name, ad in _check_model_has_lora(model, rule).items():
+        if not (ad.A.requires_grad and ad.B.requires_grad):
+            continue
+        groups.append({"params": [ad.A, ad.B], "kind": kind, "name": name, "scale": float(ad.scale)})
+        used += [ad.A, ad.B]
+    if not groups:
+        raise ValueError(f"{rule} found no LoRA adapter with trainable A and B")
+    rest = other_parameters(model, used)
+    if rest:
+        groups.append({"params": rest, "kind": "other", "name": "other"})
+    return groups
+
 def _acc(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
@@ -153,18 +169,7 @@ class LoRAPro(torch.optim.Optimizer):
         check_hparams(lr, betas, eps, weight_decay)
         if mode not in ("adamw", "sgd"):
             raise ValueError(f"mode must be 'adamw' or 'sgd', got {mode!r}")
-        layers = _check_model_has_lora(model, "LoRA-Pro")
-        groups, used = [], []
-        for name, ad in layers.items():
-            if not (ad.A.requires_grad and ad.B.requires_grad):
-                continue
-            groups.append({"params": [ad.A, ad.B], "kind": "lorapro", "name": name, "scale": float(ad.scale)})
-            used += [ad.A, ad.B]
-        if not groups:
-            raise ValueError("LoRA-Pro found no LoRA adapter with trainable A and B")
-        rest = other_parameters(model, used)
-        if rest:
-            groups.append({"params": rest, "kind": "other", "name": "other"})
+        groups = _pair_groups(model, "LoRA-Pro", "lorapro")
         super().__init__(groups, dict(lr=lr, mode=mode, betas=betas, eps=eps, weight_decay=weight_decay))
 
     @torch.no_grad()
@@ -276,18 +281,7 @@ class AltLoRA(torch.optim.Optimizer):
             raise ValueError(f"switch_every must be an int >= 1, got {switch_every!r}")
         if first not in ("A", "B"):
             raise ValueError(f"first must be 'A' or 'B', got {first!r}")
-        layers = _check_model_has_lora(model, "AltLoRA")
-        groups, used = [], []
-        for name, ad in layers.items():
-            if not (ad.A.requires_grad and ad.B.requires_grad):
-                continue
-            groups.append({"params": [ad.A, ad.B], "kind": "altlora", "name": name, "scale": float(ad.scale)})
-            used += [ad.A, ad.B]
-        if not groups:
-            raise ValueError("AltLoRA found no LoRA adapter with trainable A and B")
-        rest = other_parameters(model, used)
-        if rest:
-            groups.append({"params": rest, "kind": "other", "name": "other"})
+        groups = _pair_groups(model, "AltLoRA", "altlora")
         defaults = dict(lr=lr, beta=beta, delta=delta, switch_every=switch_every, first=first, betas=betas,
                         eps=eps, weight_decay=weight_decay, steps_done=0)
         super().__init__(groups, defaults)
