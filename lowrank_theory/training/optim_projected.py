@@ -32,7 +32,6 @@ from .optim import _check_model_has_lora, adamw_direction, adamw_update_group, c
 __all__ = ["AltLoRA", "LoRAPro", "equivalent_gradient", "lorapro_factor_steps"]
 
 
-
 def _pair_groups(model: nn.Module, rule: str, kind: str) -> list[dict]:
     """One param group ``[A, B]`` per LoRA layer with both trainable (tagged ``kind``), then the rest."""
     groups, used = [], []
