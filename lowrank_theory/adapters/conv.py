@@ -10,7 +10,6 @@ with the dense ΔK otherwise.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Adapter
+from .layer import AdapterSwitch
 
 __all__ = ["AdaptedConv2d", "ConvGeometry", "conv2d_delta"]
 
@@ -72,7 +72,7 @@ def conv2d_delta(x: torch.Tensor, kernel: torch.Tensor, geometry: ConvGeometry) 
     return F.conv2d(x, kernel, None, geometry.stride, padding, geometry.dilation, geometry.groups)
 
 
-class AdaptedConv2d(nn.Module):
+class AdaptedConv2d(AdapterSwitch, nn.Module):
     r"""Wrap a frozen ``nn.Conv2d`` with an adapter of its kernel.
 
     ``forward(x) = base(x) + conv(x, ΔK)``; ``merge()`` writes ``K' = adapter.merged_weight(K0)``
@@ -156,15 +156,3 @@ class AdaptedConv2d(nn.Module):
             return
         self.base.weight.copy_(self.adapter.unmerged_weight(self.base.weight))
         self.merged = False
-
-    @contextmanager
-    def disable_adapter(self):
-        """Context manager: the layer computes the base output only."""
-        prev, self.disabled = self.disabled, True
-        try:
-            yield self
-        finally:
-            self.disabled = prev
-
-    def extra_repr(self) -> str:
-        return f"merged={self.merged}, disabled={self.disabled}"

@@ -17,7 +17,26 @@ def _is_hf_conv1d(layer: nn.Module) -> bool:
     return type(layer).__name__ == "Conv1D" and hasattr(layer, "nf")
 
 
-class AdaptedLinear(nn.Module):
+class AdapterSwitch:
+    """What every adapted layer shares: the ``disabled``/``merged`` flags' context manager and repr."""
+
+    disabled: bool
+    merged: bool
+
+    @contextmanager
+    def disable_adapter(self):
+        """Context manager: the layer computes the base output only."""
+        prev, self.disabled = self.disabled, True
+        try:
+            yield self
+        finally:
+            self.disabled = prev
+
+    def extra_repr(self) -> str:
+        return f"merged={self.merged}, disabled={self.disabled}"
+
+
+class AdaptedLinear(AdapterSwitch, nn.Module):
     """Wrap a frozen ``nn.Linear`` (or GPT-2 ``Conv1D``) with an :class:`Adapter`.
 
     ``forward(x) = adapter.layer_output(x, base(x), W0, b0)`` -- for additive methods
@@ -99,15 +118,3 @@ class AdaptedLinear(nn.Module):
         target.copy_(w.T if self.conv1d else w)
         if b is not None and self.base.bias is not None:
             self.base.bias.copy_(b)
-
-    @contextmanager
-    def disable_adapter(self):
-        """Context manager: the layer computes the base output only."""
-        prev, self.disabled = self.disabled, True
-        try:
-            yield self
-        finally:
-            self.disabled = prev
-
-    def extra_repr(self) -> str:
-        return f"merged={self.merged}, disabled={self.disabled}"
