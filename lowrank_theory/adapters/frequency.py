@@ -40,6 +40,7 @@ from .loca_locations import (
     random_locations,
 )
 from .registry import register
+from .spectral_dense import check_path, gather_columns, prefers_dense, spectral_dense_linear
 
 __all__ = [
     "QWHA",
@@ -73,6 +74,13 @@ class FourierFT(Adapter):
         so :math:`\Delta W \neq 0` at init.  ``True``: spectrum 0 (identity at init).
     seed : int, optional
         Seed of the Gaussian spectrum init (PEFT draws from the global RNG; ``None`` does too).
+    path : {"auto", "structured", "dense"}
+        How the layer applies the update: per-token transforms (``"structured"``, below), one
+        product with the merged weight :math:`W_0 + \Delta W` and the coefficient gradient from
+        transforms of x and of the output gradient (``"dense"``,
+        :mod:`lowrank_theory.adapters.spectral_dense`), or whichever
+        :func:`~lowrank_theory.adapters.spectral_dense.prefers_dense` finds cheaper for the
+        call's token count (``"auto"``).  All three compute the same function and gradients.
 
     Notes
     -----
@@ -123,14 +131,16 @@ class FourierFT(Adapter):
         random_loc_seed: int = 777,
         init_weights: bool = False,
         seed: int | None = None,
+        path: str = "auto",
     ) -> None:
         super().__init__(d_out, d_in)
         check_n_frequency(n_frequency, d_out, d_in)
         self.scaling = check_scalar(scaling, "scaling")
         self.n_frequency = n_frequency
+        self.path = check_path(path)
         self._config = dict(
             n_frequency=n_frequency, scaling=self.scaling, random_loc_seed=random_loc_seed,
-            init_weights=bool(init_weights), seed=seed,
+            init_weights=bool(init_weights), seed=seed, path=path,
         )
         locs = random_locations(d_out, d_in, n_frequency, random_loc_seed)
         cols = locs[:, 1]
@@ -139,6 +149,13 @@ class FourierFT(Adapter):
         self.register_buffer("_rfft_index", torch.where(cols <= d_in // 2, cols, d_in - cols), persistent=False)
         self.register_buffer("_conj", cols <= d_in // 2, persistent=False)
         self.register_buffer("_neg_index", (-torch.arange(d_out // 2 + 1)) % d_out, persistent=False)
+        # the dense path's backward reads fft(g)_k and fft(x)_l from rFFTs: past the middle the
+        # entry is the conjugate of the mirrored one, so the product of the two imaginary parts
+        # changes sign when exactly one of k, l is past the middle
+        rows = locs[:, 0]
+        self.register_buffer("_row_rfft_index", torch.where(rows <= d_out // 2, rows, d_out - rows), persistent=False)
+        flips = (rows > d_out // 2) ^ (cols > d_in // 2)
+        self.register_buffer("_imag_sign", 1.0 - 2.0 * flips.to(torch.float64), persistent=False)
         if init_weights:
             values = torch.zeros(n_frequency)
         else:
@@ -150,14 +167,54 @@ class FourierFT(Adapter):
     def param_count(cls, d_out: int, d_in: int, n_frequency: int = 1000, **_: Any) -> int:
         return n_frequency
 
+    def _delta(self, values: torch.Tensor) -> torch.Tensor:
+        cdt = torch.promote_types(values.dtype, torch.float32)
+        F = dense_spectrum(values.to(cdt), self.locations, (self.d_out, self.d_in))
+        return torch.fft.ifft2(F).real * self.scaling
+
     def delta_weight(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
         """Dense :math:`s\\,\\mathrm{Re}(\\mathrm{ifft2}(F))` (for merging and tests; PEFT's formula)."""
-        cdt = torch.promote_types(self.spectrum.dtype, torch.float32)
-        F = dense_spectrum(self.spectrum.to(cdt), self.locations, (self.d_out, self.d_in))
-        return (torch.fft.ifft2(F).real * self.scaling).to(self.spectrum.dtype)
+        return self._delta(self.spectrum).to(self.spectrum.dtype)
+
+    def _use_dense(self, x: torch.Tensor) -> bool:
+        if self.path != "auto":
+            return self.path == "dense"
+        return prefers_dense(x.numel() // self.d_in, self.d_out, self.d_in, self.n_frequency)
+
+    def dense_delta(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """:math:`\\Delta W` for the dense path: float32 or better, no autograd."""
+        return self._delta(coefficients.detach())
+
+    def coefficient_grad(self, x2, g2, coefficients, need, probed=False):
+        r""":math:`\partial L/\partial a_i = \tfrac{s}{mn}\sum_t \mathrm{Re}(\hat G_{t k_i}\hat X_{t l_i})`.
+
+        With :math:`\hat X = \mathrm{fft}(x_t)`, :math:`\hat G = \mathrm{fft}(g_t)`: since
+        :math:`\Delta W_{pq} = \tfrac{s}{mn}\sum_i a_i \cos 2\pi(k_i p/m + l_i q/n)` and
+        :math:`\sum_p g_p e^{2\pi\mathrm{i}kp/m} = \overline{\hat G_k}` for real g,
+        :math:`\sum_{pq} g_p x_q\,\partial \Delta W_{pq}/\partial a_i = \tfrac{s}{mn}
+        \mathrm{Re}(\overline{\hat G_{k_i}}\,\overline{\hat X_{l_i}})
+        = \tfrac{s}{mn}(\hat G^r \hat X^r - \hat G^i \hat X^i)`.  Both come from rFFTs
+        (:math:`\hat X_l = \overline{\hat X_{n-l}}` for :math:`l > n/2`).
+        """
+        if not need:
+            return None
+        cdt = compute_dtype(x2, coefficients)
+        X = gather_columns(torch.fft.rfft(x2.to(cdt), dim=-1), self._rfft_index)  # (c, T)
+        G = gather_columns(torch.fft.rfft(g2.to(cdt), dim=-1), self._row_rfft_index)
+        rr, ii = (torch.view_as_real(G) * torch.view_as_real(X)).sum(dim=1).unbind(-1)  # (c,), (c,)
+        dot = rr - self._imag_sign.to(cdt) * ii
+        return dot * (self.scaling / (self.d_out * self.d_in))
+
+    def fused_output(self, x, base_weight, base_bias):
+        if not self._use_dense(x):
+            return None
+        self._check_input(x)
+        return spectral_dense_linear(self, x, self.spectrum, base_weight, base_bias)
 
     def forward(self, x: torch.Tensor, base_weight: torch.Tensor | None = None) -> torch.Tensor:
         self._check_input(x)
+        if self._use_dense(x):
+            return spectral_dense_linear(self, x, self.spectrum)
         m, n = self.d_out, self.d_in
         cdt = compute_dtype(x, self.spectrum)
         xf = x.reshape(-1, n).to(cdt)

@@ -42,6 +42,7 @@ from torch.autograd.function import once_differentiable
 from .. import backend
 from .base import Adapter
 from .registry import register
+from .spectral_dense import check_path, prefers_dense, spectral_dense_linear
 
 __all__ = [
     "LoCA",
@@ -371,6 +372,12 @@ class LoCA(Adapter):
         Seed of the initial locations (c distinct cells drawn uniformly).
     locations : Tensor of int, shape (c, 2), optional
         Explicit initial (row, col) cells instead of the seeded draw.
+    path : {"auto", "structured", "dense"}
+        Per-token DCTs (``"structured"``, below), one product with the merged weight and the
+        coefficient gradient from DCTs of x and of the output gradient (``"dense"``,
+        :mod:`lowrank_theory.adapters.spectral_dense`), or whichever
+        :func:`~lowrank_theory.adapters.spectral_dense.prefers_dense` finds cheaper for the
+        call's token count (``"auto"``).  Same function, gradients and location estimates.
 
     Attributes
     ----------
@@ -425,12 +432,14 @@ class LoCA(Adapter):
         scale: float = 1.0,
         random_loc_seed: int = 777,
         locations: torch.Tensor | None = None,
+        path: str = "auto",
     ) -> None:
         super().__init__(d_out, d_in)
         check_n_frequency(n_frequency, d_out, d_in)
         self.scale = check_scalar(scale, "scale")
         self.n_frequency = n_frequency
-        self._config = dict(n_frequency=n_frequency, scale=self.scale, random_loc_seed=random_loc_seed)
+        self.path = check_path(path)
+        self._config = dict(n_frequency=n_frequency, scale=self.scale, random_loc_seed=random_loc_seed, path=path)
         if locations is None:
             locs = random_locations(d_out, d_in, n_frequency, random_loc_seed)
         else:
@@ -460,21 +469,66 @@ class LoCA(Adapter):
         """Dense (m, n) spectrum F (duplicates add) -- for tests and location analysis."""
         return dense_spectrum(self.coefficients, self.locations, (self.d_out, self.d_in))
 
+    def _delta(self, values: torch.Tensor) -> torch.Tensor:
+        cdt = torch.promote_types(values.dtype, torch.float32)
+        F = dense_spectrum(values.to(cdt), self.locations, (self.d_out, self.d_in))
+        return backend.idct(backend.idct(F, axis=0), axis=1) * self.scale
+
     def delta_weight(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
         """Dense :math:`s\\,C_m^\\top F C_n` (inverse DCT along both axes)."""
-        cdt = torch.promote_types(self.coefficients.dtype, torch.float32)
-        F = dense_spectrum(self.coefficients.to(cdt), self.locations, (self.d_out, self.d_in))
-        dw = backend.idct(backend.idct(F, axis=0), axis=1) * self.scale
-        return dw.to(self.coefficients.dtype)
+        return self._delta(self.coefficients).to(self.coefficients.dtype)
+
+    def dense_delta(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """:math:`\\Delta W` for the dense path: float32 or better, no autograd."""
+        return self._delta(coefficients.detach())
+
+    def coefficient_grad(self, x2, g2, coefficients, need, probed):
+        r""":math:`\partial L/\partial a_i = \sum_t \hat g_{t k_i}\hat x_{t l_i}`.
+
+        Here :math:`\hat x = C_n x_t` and :math:`\hat g = s\,C_m g_t`; :math:`\hat g` is the
+        gradient of the structured path's :math:`z` (the adjoint of the orthonormal inverse DCT is
+        the DCT), so with ``learn_locations`` the location estimate added to ``location_grad`` is
+        the structured path's, from the same :math:`\hat x, \hat g`.
+        """
+        sink = self.location_grad if probed else None
+        if not need and sink is None:
+            return None
+        cdt = compute_dtype(x2, coefficients)
+        xhat = backend.dct(x2.to(cdt), axis=-1).T.contiguous()  # (n, T): the gathers below copy rows
+        ghat = (backend.dct(g2.to(cdt), axis=-1) * self.scale).T.contiguous()  # (m, T)
+
+        def G(r, c):
+            return (ghat.index_select(0, r) * xhat.index_select(0, c)).sum(dim=1)
+
+        if sink is not None:
+            est = _finite_difference(coefficients.to(cdt), self.locations, G, (self.d_out, self.d_in))
+            sink.add_(est.to(sink.dtype))
+        return G(self.locations[:, 0], self.locations[:, 1]) if need else None
+
+    def _use_dense(self, x: torch.Tensor) -> bool:
+        if self.path != "auto":
+            return self.path == "dense"
+        return prefers_dense(x.numel() // self.d_in, self.d_out, self.d_in, self.n_frequency)
+
+    def _probe(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.learn_locations and torch.is_grad_enabled():
+            return torch.ones((), dtype=compute_dtype(x, self.coefficients), device=x.device, requires_grad=True)
+        return None
+
+    def fused_output(self, x, base_weight, base_bias):
+        if not self._use_dense(x):
+            return None
+        self._check_input(x)
+        return spectral_dense_linear(self, x, self.coefficients, base_weight, base_bias, self._probe(x))
 
     def forward(self, x: torch.Tensor, base_weight: torch.Tensor | None = None) -> torch.Tensor:
         self._check_input(x)
+        if self._use_dense(x):
+            return spectral_dense_linear(self, x, self.coefficients, probe=self._probe(x))
         cdt = compute_dtype(x, self.coefficients)
         xhat = backend.dct(x.reshape(-1, self.d_in).to(cdt), axis=-1)
-        sink = probe = None
-        if self.learn_locations and torch.is_grad_enabled():
-            sink = self.location_grad
-            probe = torch.ones((), dtype=cdt, device=x.device, requires_grad=True)
+        probe = self._probe(x)
+        sink = self.location_grad if probe is not None else None
         z = SparseSpectrumMatmul.apply(
             xhat, self.coefficients.to(cdt), self.locations[:, 0], self.locations[:, 1], self.d_out, sink, probe
         )

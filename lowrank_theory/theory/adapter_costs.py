@@ -164,7 +164,8 @@ def _lora_fused(c: Ctx) -> bool:
     """``LoRA.fused_output`` applies: the class keeps LoRA's forward and dropout is off (training mode)."""
     from ..adapters.lowrank import LoRA
 
-    return get_adapter(c.method).forward is LoRA.forward and not (c.cfg.get("dropout") or 0.0) > 0
+    return (c.path == "structured" and get_adapter(c.method).forward is LoRA.forward
+            and not (c.cfg.get("dropout") or 0.0) > 0)
 
 
 _register("lora pissa milora lq_lora", setup=_ab, forward=lambda c, P, x: _lowrank(c, x, P["A"], P["B"]),

@@ -16,7 +16,7 @@ import math
 
 from ..linalg.transforms import _block_bits  # the WHT's split into dense H_64 blocks
 from .adapter_costs import Ctx, _lowrank, _register, _tr, lora_linear
-from .cost_graph import CostGraph, T
+from .cost_graph import CostGraph, Op, T
 
 __all__ = ["dct_ii", "idct_iii", "sparse_spectrum_matmul", "wht"]
 
@@ -133,15 +133,77 @@ def _fourierft_fwd(c, P, x):
     return g.cast(g.ew("scale", y, grads="linear"), c.eb)
 
 
-def _fourierft_dw(c, P, W0):
+def _fourierft_dw(c, P, W0, cast=True):
     g = c.g
     F = _dense_spectrum(g, g.cast(P["spectrum"], c.acc), (c.m, c.n))
     Z = g.fft("ifft2_rows", F, "fft_r2c", c.n)  # ifft2 of a real array: one pass per axis
     Z = g.fft("ifft2_cols", Z, "ifft", c.m)
-    return g.cast(g.ew("scale", g.view(Z, (c.m, c.n), eb=c.acc, bwd_kernels=1), grads="linear"), c.eb)
+    dw = g.ew("scale", g.view(Z, (c.m, c.n), eb=c.acc, bwd_kernels=1), grads="linear")
+    return g.cast(dw, c.eb) if cast else dw
 
 
-_register("fourierft", setup=_fourierft_setup, forward=_fourierft_fwd, delta=_fourierft_dw)
+# ----------------------------------------------------------------------------- the dense path
+def _kernels(ops: tuple[Op, ...], part: str = "adapter") -> list[tuple]:
+    return [(o.name, o.flops, o.bytes, o.matmul_flops, part) for o in ops]
+
+
+def _gathered_transform(c: Ctx, length: int, transform) -> list[tuple]:
+    """Kernels of ``gather_columns(transform(v.to(acc)), idx)`` for v (T, length): cast, transform,
+    transposed copy, row gather of the c needed frequencies (traced on a scratch graph)."""
+    h = CostGraph(c.eb)
+    v = h.cast(h.input((c.tokens, length), grad=False), c.acc)
+    X = transform(h, v)
+    X = h.copy("transpose_contiguous", X)
+    X = h.index_select(X, c.cfg["n_frequency"], name="gather_rows")
+    return _kernels(h.cost(X, "fwd").ops)
+
+
+def _spectral_dense_layer(c: Ctx, P: dict[str, T], x: T, W0: T) -> T:
+    """``spectral_dense_linear`` (``path="dense"`` of FourierFT and LoCA).
+
+    Forward: ΔW built as ``delta_weight`` builds it (no grad), ``W' = (W0 + ΔW)`` cast to the
+    working dtype, one product ``x W'ᵀ + b`` (the base's own, so part "base").  Backward:
+    ``dx = dy W'`` (the base's), and the coefficient gradient from the gathered transforms of
+    x and dy: one multiply and one sum over tokens (FourierFT: of the real and imaginary parts,
+    then a sign, a subtraction and the scale).
+    """
+    g, Tn, m, n, e, k = c.g, c.tokens, c.m, c.n, c.eb, c.cfg["n_frequency"]
+    fourier = c.method == "fourierft"
+    a = P["spectrum"] if fourier else P["coefficients"]
+    with g.no_grad():
+        dw = (_fourierft_dw if fourier else _loca_dw)(c, P, W0, cast=False)
+        Wp = g.cast(g.ew("merge_add", g.cast(W0, c.acc), dw, grads="add"), e)
+    bias = c.bias is not None
+    fwd = [("linear", 2 * Tn * n * m + (Tn * m if bias else 0),
+            e * (Tn * n + m * n + Tn * m + (m if bias else 0)), 2 * Tn * n * m, "base")]
+    if fourier:
+        def transform(h, v):
+            return h.fft("rfft", v, "rfft", v.shape[-1])
+        parts = 2  # real and imaginary parts, side by side
+    else:
+        def transform(h, v):
+            return dct_ii(h, v)
+        parts = 1
+    A = c.acc
+    coef = _gathered_transform(c, n, transform) + _gathered_transform(c, m, transform)
+    if not fourier:  # ĝ = s · dct(g), scaled before its transposed copy
+        coef.insert(len(coef) // 2, ("scale", Tn * m, 2 * A * Tn * m, 0.0, "adapter"))
+    coef += [("mul", parts * k * Tn, 3 * A * parts * k * Tn), ("sum", parts * k * Tn, A * parts * (k * Tn + k))]
+    if fourier:
+        coef += [("sign_cast", 0.0, 12 * k), ("mul", k, 3 * A * k), ("sub", k, 3 * A * k), ("scale", k, 2 * A * k)]
+    del Wp
+    return g.custom("spectral_dense_linear", [x, a], (Tn, m), fwd,
+                    {0: [("grad_x", 2 * Tn * m * n, e * (Tn * m + m * n + Tn * n), 2 * Tn * m * n, "base")],
+                     1: coef}, eb=e)
+
+
+def _dense_path(c: Ctx) -> bool:
+    """``fused_output`` applies: the layer runs ``path="dense"`` (``"auto"`` resolves per call)."""
+    return c.path == "dense"
+
+
+_register("fourierft", setup=_fourierft_setup, forward=_fourierft_fwd, delta=_fourierft_dw,
+          fused=_dense_path, fused_layer=_spectral_dense_layer)
 
 
 # ----------------------------------------------------------------------------- LoCA
@@ -156,14 +218,16 @@ def _loca_fwd(c, P, x):
     return g.cast(g.ew("scale", idct_iii(g, z), grads="linear"), c.eb)
 
 
-def _loca_dw(c, P, W0):
+def _loca_dw(c, P, W0, cast=True):
     g = c.g
     F = _dense_spectrum(g, g.cast(P["coefficients"], c.acc), (c.m, c.n))
     F = g.view(idct_iii(g, g.view(F, (c.n, c.m))), (c.m, c.n))  # along axis 0 (a moved view)
-    return g.cast(g.ew("scale", idct_iii(g, F), grads="linear"), c.eb)
+    dw = g.ew("scale", idct_iii(g, F), grads="linear")
+    return g.cast(dw, c.eb) if cast else dw
 
 
-_register("loca", setup=_loca_setup, forward=_loca_fwd, delta=_loca_dw)
+_register("loca", setup=_loca_setup, forward=_loca_fwd, delta=_loca_dw, fused=_dense_path,
+          fused_layer=_spectral_dense_layer)
 
 
 # ----------------------------------------------------------------------------- QWHA
@@ -279,7 +343,7 @@ def _dora_fused_layer(c, P, x, W0):
     return g.ew("addcmul", c.bias, z, scale, flops=2.0)
 
 
-_register("dora", setup=_dora_setup, layer=_dora_layer, delta=_dora_dw, fused=lambda c: True,
+_register("dora", setup=_dora_setup, layer=_dora_layer, delta=_dora_dw, fused=lambda c: c.path == "structured",
           fused_layer=_dora_fused_layer)
 
 

@@ -79,7 +79,7 @@ def _trace(method: str | None, tokens: int, d_in: int, d_out: int, *, merged: bo
         _method(method)
         c = Ctx(g, method, int(d_out), int(d_in), int(tokens), float(dtype_bytes), resolve_config(method, cfg), path)
         model = MODELS[method]
-        if not merged and path == "structured" and model.fused is not None and model.fused(c):
+        if not merged and model.fused is not None and model.fused(c):
             # AdaptedLinear asks the adapter for a fused output first; the base layer is inside it
             x = g.input((tokens, d_in), grad=input_grad)
             W0 = g.buffer((d_out, d_in), name="W0")
@@ -108,6 +108,7 @@ def _trace(method: str | None, tokens: int, d_in: int, d_out: int, *, merged: bo
     model = MODELS[method]
     P = model.setup(c)
     if path == "dense" and method != "hut":  # HUT's own dense branch is its layer's path="dense"
+        # (FourierFT's and LoCA's own dense paths are fused layers, returned above)
         dw = g.cast(model.delta(c, P, W0), c.eb)
         d = g.conv2d(x, dw, x.shape[2:]) if conv else g.mm(x, _tr(g, dw))
         return g, g.ew("add", y0, d, grads="add"), c
@@ -139,7 +140,9 @@ def cost(method: str, tokens: int, d_in: int, d_out: int, *, pass_: str = "fwd",
         (``fused_output``: LoRA, PiSSA, MiLoRA, LQ-LoRA without dropout, and DoRA), otherwise
         ``layer_output(x, base(x), ...)`` through the structure.  ``"dense"``: ΔW built by
         ``delta_weight`` every call and applied with one product, ``base(x) + x ΔWᵀ`` (for HUT,
-        its own ``path="dense"`` branch, ``x (W_0 \odot BA)^\top``).
+        its own ``path="dense"`` branch, ``x (W_0 \odot BA)^\top``; for FourierFT and LoCA theirs,
+        one product with :math:`W_0 + \Delta W` and the coefficient gradient from transforms of x
+        and of the output gradient, :mod:`lowrank_theory.adapters.spectral_dense`).
     dtype_bytes : float
         Bytes per element of the activations and weights (4 float32, 2 bfloat16); transforms
         and norms run in float32 or better, as the code does.

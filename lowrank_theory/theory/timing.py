@@ -97,6 +97,12 @@ def _time(fn: Callable[[], Any], dev: torch.device, *, repeats: int, warmup: int
     return Timing(min(samples), statistics.median(samples), tuple(samples))
 
 
+#: Methods whose layer has its own ``path="dense"`` (HUT: ``x (W0 ⊙ BA)ᵀ``; FourierFT and LoCA: one
+#: product with ``W0 + ΔW``, :mod:`lowrank_theory.adapters.spectral_dense`); the others get
+#: :class:`_DenseDelta`.
+OWN_DENSE_PATH = ("hut", "fourierft", "loca")
+
+
 class _DenseDelta(nn.Module):
     """``base(x) + x ΔWᵀ`` with ΔW from ``delta_weight`` every call (the cost model's dense path)."""
 
@@ -132,7 +138,7 @@ def build_layer(method: str | None, d_in: int, d_out: int, *, merged: bool = Fal
         base.requires_grad_(False)
     else:
         adapter = create(method, d_out, d_in, **({k: v for k, v in cfg.items() if k != "path"}))
-        if method == "hut":
+        if method in OWN_DENSE_PATH:
             adapter.path = path
         layer = AdaptedConv2d(base, adapter) if method == "flora_conv2d" else AdaptedLinear(base, adapter)
     layer = layer.to(_device(device), dtype)
@@ -141,7 +147,7 @@ def build_layer(method: str | None, d_in: int, d_out: int, *, merged: bool = Fal
             layer(_input(method, 1, d_in, _device(device), dtype, False))
         if merged:
             layer.merge()
-        elif path == "dense" and method != "hut":
+        elif path == "dense" and method not in OWN_DENSE_PATH:
             layer = _DenseDelta(layer)
     return layer
 

@@ -32,7 +32,7 @@ from tests.conftest import tol
 def relerr(a: torch.Tensor, b: torch.Tensor) -> float:
     """‖a − b‖ / max(‖b‖, tiny), in float64."""
     a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+    return float(((a - b).norm() / b.norm().clamp_min(1e-300)).detach())
 
 
 def randomize_(adapter: Adapter, seed: int = 0, scale: float = 0.3) -> Adapter:

@@ -404,3 +404,17 @@ def test_check_flags_a_wrong_model():
     assert any("grows x4.00" in p for p in problems)  # model x16 vs measured x4
     rows[0]["floor_s"] = 1e-2
     assert any("below 0.5 x roofline floor" in p for p in experiment.check(rows))
+
+
+@pytest.mark.parametrize("method", ["fourierft", "loca"])
+@pytest.mark.parametrize("m,n,c", [(384, 384, 1000), (1024, 1024, 1000), (4096, 4096, 1000), (768, 3072, 500)])
+def test_auto_path_rule_agrees_with_the_op_model(method, m, n, c):
+    """``prefers_dense`` (the adapters' ``path="auto"``) picks the path with fewer modelled FLOPs
+    (fwd+bwd, base included) at half and at twice its threshold token count."""
+    from lowrank_theory.adapters.spectral_dense import prefers_dense
+
+    threshold = next(t for t in (2 ** k for k in range(20)) if prefers_dense(t, m, n, c))
+    for T in (threshold // 4, threshold * 2):
+        s = cx.cost(method, T, n, m, pass_="fwd+bwd", path="structured", n_frequency=c)
+        d = cx.cost(method, T, n, m, pass_="fwd+bwd", path="dense", n_frequency=c)
+        assert (d.flops < s.flops) == prefers_dense(T, m, n, c), (T, d.flops / s.flops)
