@@ -1,7 +1,8 @@
 """Training side: adapters inside real models, training rules, rank schedules, a trainer, data and tasks.
 
 * :mod:`~lowrank_theory.training.inject` -- :func:`inject` (targets by name, suffix, regex or
-  ``"all-linear"``), :func:`merge`, :func:`unmerge`, :func:`disable`, :func:`summary`, ...
+  ``"all-linear"``), :func:`merge`, :func:`unmerge`, :func:`disable`, :func:`summary`,
+  :func:`unwrap_model` (DDP / ``accelerate`` / ``torch.compile`` wrappers), ...
 * :mod:`~lowrank_theory.training.checkpoint` -- :func:`save_adapters` / :func:`load_adapters`
   (safetensors + JSON; frozen random bases regenerated from seeds; ``resize=True`` after a rank change).
 * :mod:`~lowrank_theory.training.peft_format` -- :func:`export_peft` / :func:`import_peft` for
@@ -15,7 +16,7 @@
 * :mod:`~lowrank_theory.training.trainer` (settings in :mod:`~lowrank_theory.training.train_config`) --
   :class:`Trainer` / :class:`TrainConfig` (AdamW or any
   rule, LR schedule, accumulation, bf16 on CUDA, eval, early stop, JSONL/CSV metrics, safetensors
-  checkpoints and resume, DDP under ``torchrun``).
+  checkpoints and resume, DDP under ``torchrun`` or ``accelerate launch``).
 * :mod:`~lowrank_theory.training.data`, :mod:`~lowrank_theory.training.tasks`,
   :mod:`~lowrank_theory.training.real_updates` -- offline MiniLM and tiny GPT-2, standard-library
   text, the teacher--student and docstring tasks, real fine-tuning updates and gradients.
@@ -45,6 +46,7 @@ from .inject import (
     summary,
     trainable_parameters,
     unmerge,
+    unwrap_model,
 )
 from .optim import make_optimizer
 from .peft_format import export_peft, import_peft
@@ -106,4 +108,5 @@ __all__ = [
     "tiny_gpt2",
     "trainable_parameters",
     "unmerge",
+    "unwrap_model",
 ]

@@ -34,7 +34,7 @@ from torch import nn
 
 from .. import __version__
 from ..adapters import Adapter
-from .inject import CONFIG_ATTR, InjectionPlan, adapted_layers, prepare, to_json
+from .inject import CONFIG_ATTR, InjectionPlan, adapted_layers, prepare, to_json, unwrap_model
 
 __all__ = ["CONFIG_NAME", "FORMAT", "WEIGHTS_NAME", "adapter_state", "load_adapters", "save_adapters"]
 
@@ -361,7 +361,7 @@ def load_adapters(
     pairs = _validate(layer_adapters, config, tensors)
     if not plans:
         for n, new in swaps.items():
-            model.get_submodule(n).adapter = new
+            unwrap_model(model).get_submodule(n).adapter = new
     for plan in plans:
         plan.apply()
     with torch.no_grad():

@@ -61,6 +61,7 @@ __all__ = [
     "to_json",
     "trainable_parameters",
     "unmerge",
+    "unwrap_model",
 ]
 
 #: Attribute of the model that holds the list of injection records (plain JSON-able dicts).
@@ -390,11 +391,30 @@ def inject(
 
 
 # ============================================================================ model-level operations
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside ``DistributedDataParallel`` / ``DataParallel`` (what ``accelerate``'s
+    ``prepare`` returns on several processes) and ``torch.compile`` wrappers, so that layer names
+    do not depend on how the model was wrapped for training."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while True:
+        if isinstance(model, (DistributedDataParallel, DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
+
+
 def adapted_layers(model: nn.Module) -> dict[str, AdaptedLinear]:
-    """``{name: AdaptedLinear}`` for every adapted layer of ``model``, in module order."""
+    """``{name: AdaptedLinear}`` for every adapted layer of ``model``, in module order.
+
+    Names are those of the unwrapped model (:func:`unwrap_model`): a DDP-wrapped model gives the
+    same names as the model itself.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    return {n: m for n, m in model.named_modules() if isinstance(m, AdaptedLinear)}
+    return {n: m for n, m in unwrap_model(model).named_modules() if isinstance(m, AdaptedLinear)}
 
 
 def _require_layers(model: nn.Module) -> dict[str, AdaptedLinear]:

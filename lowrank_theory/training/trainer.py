@@ -4,9 +4,10 @@ r"""A small training loop for users who do not bring their own.
 with a warm-up + linear/cosine/constant learning-rate schedule, gradient accumulation, gradient
 clipping, bf16 autocast on CUDA (float32 on the CPU), periodic evaluation with early stopping,
 ``tqdm`` progress, metrics to ``metrics.jsonl`` and ``metrics.csv``, checkpoints and exact resume,
-and callbacks (rank schedules, GGPO).  Under ``torchrun`` it wraps the model in
-``DistributedDataParallel`` (gloo on the CPU, NCCL on CUDA) and splits every global batch
-evenly over the ranks.
+and callbacks (rank schedules, GGPO).  Under ``torchrun`` or ``accelerate launch`` it wraps the
+model in ``DistributedDataParallel`` (gloo on the CPU, NCCL on CUDA) and splits every global batch
+evenly over the ranks; a process group that already exists (an ``Accelerator`` built first, or
+the user's own ``init_process_group``) is joined, not re-created.
 
 Batching.  ``train_data`` is a dict of tensors with a common first dimension :math:`N`.  Step
 :math:`t` (0-based) of epoch :math:`e = \lfloor t / \lfloor N/B \rfloor \rfloor` takes the
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import inspect
 import json
 import logging
 import os
@@ -176,7 +178,12 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
+            # Adapter buffers (LoCA's location estimate, DoRA's cached norms) are rank-local state:
+            # equal at wrap time, never re-broadcast from rank 0 in forward.  Newer torch names the
+            # switch forward_sync_buffers (and deprecates broadcast_buffers).
+            params = inspect.signature(DistributedDataParallel.__init__).parameters
+            sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+            self.net = DistributedDataParallel(self.model, device_ids=ids, **sync)
         else:
             self.net = self.model
 

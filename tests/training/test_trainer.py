@@ -44,17 +44,28 @@ def tiny_task(dropout: float = 0.0, method: str = "lora", **cfg):
     return task
 
 
-def train_tiny(out: str, grad_accum: int = 1, steps: int = 4) -> dict:
-    """Used in-process and by the torchrun workers: the same run, any world size.
+def train_tiny(out: str, grad_accum: int = 1, steps: int = 4, stop_after: int | None = None,
+               resume: bool = False, rule: str = "sgd") -> dict:
+    """Used in-process and by the torchrun / accelerate workers: the same run, any world size.
 
-    Plain SGD, not Adam: Adam is invariant to the gradient's scale, so a wrong averaging factor
-    over ranks or micro-batches would go unseen.
+    Plain SGD by default, not Adam: Adam is invariant to the gradient's scale, so a wrong
+    averaging factor over ranks or micro-batches would go unseen.
     """
     torch.set_num_threads(1)
     task = tiny_task()
-    cfg = TrainConfig(steps=steps, batch_size=8, grad_accum=grad_accum, lr=0.5, rule="sgd", out_dir=out,
-                      progress=False, device="cpu")
-    return Trainer(task.model, task.train, task.loss_fn, config=cfg).fit()
+    cfg = TrainConfig(steps=steps, batch_size=8, grad_accum=grad_accum, lr=0.5 if rule == "sgd" else 1e-2,
+                      rule=rule, out_dir=out, progress=False, device="cpu")
+    return Trainer(task.model, task.train, task.loss_fn, config=cfg).fit(stop_after=stop_after, resume=resume)
+
+
+def torchrun(tmp_path: Path, body: str, *args: str) -> None:
+    """Run ``body`` (Python, with ``sys.argv[1:] == args``) in 2 processes under torchrun (gloo, CPU)."""
+    script = tmp_path / f"worker_{abs(hash(body))}.py"
+    script.write_text("import sys\nfrom tests.training.test_trainer import train_tiny\n" + body)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def adapter_tensors(out: Path) -> dict[str, torch.Tensor]:
@@ -107,16 +118,8 @@ def test_gradient_accumulation_equals_the_full_batch(tmp_path):
 
 def test_ddp_two_processes_match_one_process(tmp_path):
     ref = train_tiny(str(tmp_path / "single"))
-    script = tmp_path / "worker.py"
-    script.write_text(
-        "import sys\nfrom tests.training.test_trainer import train_tiny\n"
-        "s = train_tiny(sys.argv[1], grad_accum=2)\nassert s['world_size'] == 2, s\n"
-    )
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           str(tmp_path / "ddp")]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    body = "s = train_tiny(sys.argv[1], grad_accum=2)\nassert s['world_size'] == 2, s\n"
+    torchrun(tmp_path, body, str(tmp_path / "ddp"))
     a, b = adapter_tensors(tmp_path / "single"), adapter_tensors(tmp_path / "ddp")
     assert a.keys() == b.keys() and ref["world_size"] == 1
     moved = False
@@ -128,6 +131,22 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     ref_rows = [json.loads(x) for x in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
     torch.testing.assert_close(torch.tensor([r["loss"] for r in rows], dtype=torch.float64),
                                torch.tensor([r["loss"] for r in ref_rows], dtype=torch.float64), **tol(torch.float64))
+
+
+def test_ddp_interrupted_and_resumed_equals_one_uninterrupted_process(tmp_path):
+    """2 ranks stop after 2 of 4 steps (checkpoint: adapters, AdamW state, every rank's RNG), a new
+    torchrun resumes: the result equals one process running the 4 steps.  AdamW here, so the
+    optimizer state must come back too (a fresh AdamW restarts its bias correction and moments)."""
+    train_tiny(str(tmp_path / "single"), rule="adamw")
+    out = str(tmp_path / "ddp")
+    torchrun(tmp_path, "s = train_tiny(sys.argv[1], rule='adamw', stop_after=2)\nassert s['steps'] == 2, s\n", out)
+    torchrun(tmp_path, "s = train_tiny(sys.argv[1], rule='adamw', resume=True)\nassert s['steps'] == 4, s\n", out)
+    a, b = adapter_tensors(tmp_path / "single"), adapter_tensors(tmp_path / "ddp")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], **tol(torch.float64))
+    rows = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # the resumed run appended to the log
 
 
 def test_resume_equals_an_uninterrupted_run_with_dropout(tmp_path):
