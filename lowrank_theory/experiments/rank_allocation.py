@@ -15,10 +15,11 @@ callback (AdamW, linear decay after 10 % warm-up, the rate ``lrs[method]``):
   ``t_init = T/10``, ``t_final = T/5``);
 * ``sora`` -- SoRA (arXiv:2311.11696): gated LoRA of rank ``r0``, proximal steps on the gates
   with :math:`\lambda` rising from ``lam0`` to ``lam_max`` over ``stages`` stages, zero gates cut
-  (:class:`~lowrank_theory.training.schedules.SoRASchedule`); no explicit budget.  The schedule's
-  gate step is plain SGD, :math:`g \leftarrow T_{\eta\lambda}(g - \eta\nabla_g L)`, so the
-  loss decides which gates survive only where :math:`|\nabla_g L|` is comparable to
-  :math:`\lambda`; the gate gradients are of order 1e-3 here, hence a large step
+  (:class:`~lowrank_theory.training.schedules.SoRASchedule`); no explicit budget.  Here the
+  schedule's gate step is plain SGD (``gate_step="sgd"``; its default is the authors' Adam
+  step), :math:`g \leftarrow T_{\eta\lambda}(g - \eta\nabla_g L)`, so the loss decides which
+  gates survive only where :math:`|\nabla_g L|` is comparable to :math:`\lambda`; the gate
+  gradients are of order 1e-3 here, hence a large step
   :math:`\eta` = ``sora_lr`` = 3 with a small :math:`\lambda` (total threshold
   :math:`\eta\sum_t\lambda_t \approx 0.7` over the quick run, against gates drawn from
   :math:`\mathcal N(0, 1)`).  (With :math:`\eta = 0.1`, :math:`\lambda` = 0.05--0.2 we measured
@@ -94,7 +95,7 @@ def _schedule(method: str, model: nn.Module, targets: list[str], cfg: dict, seed
     if method == "sora":
         inject(model, "sora", targets, rank=r0, layer_seeds=True, seed=seed)
         sched = SoRASchedule(model, T, lr=cfg["sora_lr"], lam0=cfg["lam0"], lam_max=cfg["lam_max"],
-                             num_stages=cfg["stages"])
+                             num_stages=cfg["stages"], gate_step="sgd")
         return sched, r0 * len(targets)
     if method == "increlora":
         inject(model, "adalora", targets, rank=1, layer_seeds=True, seed=seed)

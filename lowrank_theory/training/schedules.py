@@ -45,6 +45,7 @@ explicitly all-reduced scores), so all ranks change the same tensors the same wa
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -240,15 +241,30 @@ class SoRASchedule(RankSchedule):
         Number of :math:`\lambda` values; zero gates are cut at the end of every stage.
     kind : {"linear", "exp_linear", "log_linear"}
         Spacing of the :math:`\lambda` values.
+    gate_step : {"adam", "sgd"}
+        The smooth part of the gate update.  ``"sgd"``: :math:`d = \nabla_g L_0` (paper Eq. 5, the
+        textbook proximal-gradient step).  ``"adam"`` (default, the authors' ``SparseAdamW``):
+        :math:`d = \hat m / (\sqrt{v} + \epsilon)\cdot\sqrt{1-\beta_2^t}/(1-\beta_1^t)` from Adam's
+        moments of :math:`\nabla_g L_0` (:math:`\beta = (0.9, 0.999)`, :math:`\epsilon = 10^{-6}`,
+        the Hugging Face AdamW form the authors subclass), so a gate moves by about :math:`\eta`
+        per step whatever the scale of its gradient.
+    betas, eps : tuple of float, float
+        Adam's constants for ``gate_step="adam"``.
 
     Notes
     -----
     :meth:`update` (after backward) takes each gate's gradient :math:`\nabla_g L_0` and sets
     ``gate.grad = None``, so the ordinary optimizer (AdamW skips tensors without a gradient)
     leaves the gate alone; :meth:`step` then applies
-    :math:`g \leftarrow T_{\eta\lambda_k}(g - \eta\nabla_g L_0)` (paper Eq. 5) and, at the end of
-    stage :math:`k`, :meth:`~lowrank_theory.adapters.adaptive_rank.SoRA.prune_zero_gates`.
-    Any regularizer added to the loss would be outside the proximal step; SoRA needs none.
+    :math:`g \leftarrow T_{\eta\lambda_k}(g - \eta\, d)` and, at the end of stage :math:`k`,
+    :meth:`~lowrank_theory.adapters.adaptive_rank.SoRA.prune_zero_gates` (the Adam moments of
+    the kept gates are kept).  The threshold :math:`\eta\lambda_k` is the paper's and that of the
+    authors' ``sparse_optimizer_multiply_lr.py``; their ``sparse_optimizer.py`` thresholds by
+    :math:`\lambda_k` alone, which is this schedule with :math:`\lambda_k / \eta`.
+    Why Adam matters: on MiniLM the gate gradients are about :math:`10^{-3}`, so plain SGD steps
+    at the paper's :math:`\eta` barely move the gates and the ranks kept are those of the initial
+    gates under the threshold.  Any regularizer added to the loss would be outside the proximal
+    step; SoRA needs none.
 
     References
     ----------
@@ -267,6 +283,9 @@ class SoRASchedule(RankSchedule):
         *,
         num_stages: int = 1,
         kind: str = "linear",
+        gate_step: str = "adam",
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
     ) -> None:
         super().__init__(model)
         self.total_steps = _check_int(total_steps, "total_steps", 1)
@@ -274,8 +293,17 @@ class SoRASchedule(RankSchedule):
         self.num_stages = _check_int(num_stages, "num_stages", 1)
         if num_stages > total_steps:
             raise ValueError(f"num_stages must be <= total_steps={total_steps}, got {num_stages}")
+        if gate_step not in ("adam", "sgd"):
+            raise ValueError(f"gate_step must be 'adam' or 'sgd', got {gate_step!r}")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        self.gate_step = gate_step
+        self.betas = (float(betas[0]), float(betas[1]))
+        self.eps = _check_pos(eps, "eps")
         self.lambdas = sora_lambda_schedule(lam0, lam_max, num_stages, kind)
         self._grads: dict[str, torch.Tensor] = {}
+        self._moments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # Adam's (m, v) per layer
+        self._adam_steps = 0
 
     def stage(self, step: int) -> int:
         """Index of the stage that step ``step`` (1-based) belongs to."""
@@ -292,16 +320,46 @@ class SoRASchedule(RankSchedule):
             self._grads[name] = grad
             gate.grad = None
 
+    def _direction(self, name: str, grad: torch.Tensor) -> torch.Tensor:
+        """The smooth step's direction d for one layer's gate (see ``gate_step``)."""
+        if self.gate_step == "sgd":
+            return grad
+        b1, b2 = self.betas
+        m, v = self._moments.get(name) or (torch.zeros_like(grad), torch.zeros_like(grad))
+        m = m.mul(b1).add_(grad, alpha=1.0 - b1)
+        v = v.mul(b2).addcmul_(grad, grad, value=1.0 - b2)
+        self._moments[name] = (m, v)
+        t = self._adam_steps
+        return m / (v.sqrt() + self.eps) * (math.sqrt(1.0 - b2**t) / (1.0 - b1**t))
+
+    def state_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"adam_steps": self._adam_steps}
+        for name, (m, v) in self._moments.items():
+            out[f"m.{name}"], out[f"v.{name}"] = m.detach().clone(), v.detach().clone()
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._adam_steps = int(state.get("adam_steps", 0))
+        self._moments = {}
+        for name, layer in self.layers().items():
+            if f"m.{name}" in state:
+                want = tuple(layer.adapter.gate.shape)
+                m, v = state[f"m.{name}"], state[f"v.{name}"]
+                if tuple(m.shape) != want or tuple(v.shape) != want:
+                    raise ValueError(f"schedule state for {name!r} has shape {tuple(m.shape)}, want {want}")
+                self._moments[name] = (m.to(layer.adapter.gate), v.to(layer.adapter.gate))
+
     @torch.no_grad()
     def step(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> RankChange | None:
         _check_int(step, "step")
         lam = self.lambdas[self.stage(step)]
         layers = self.layers()
         if self._grads:
+            self._adam_steps += 1
             for name, layer in layers.items():
                 gate = layer.adapter.gate
-                grad = self._grads.get(name, torch.zeros_like(gate))
-                gate.copy_(sora_proximal_step(gate, grad.to(gate), self.lr, lam))
+                grad = self._grads.get(name, torch.zeros_like(gate)).to(gate)
+                gate.copy_(sora_proximal_step(gate, self._direction(name, grad), self.lr, lam))
             self._grads = {}
         if not self.stage_end(step):
             return None
@@ -311,6 +369,8 @@ class SoRASchedule(RankSchedule):
             before = ad.rank
             old = (ad.A, ad.B, ad.gate)
             idx = ad.prune_zero_gates()
+            if name in self._moments:
+                self._moments[name] = tuple(t[idx.to(t.device)] for t in self._moments[name])
             if ad.A is not old[0]:  # new tensors even when no gate is zero
                 change.remaps += [ParamRemap(old[0], ad.A, 0, idx), ParamRemap(old[1], ad.B, 1, idx),
                                   ParamRemap(old[2], ad.gate, 0, idx)]

@@ -216,7 +216,7 @@ def test_adalora_checkpoint_after_prune_needs_resize(tmp_path):
 def test_sora_proximal_step_leaves_the_optimizer_out_and_prunes_zero_gates():
     m = tiny("sora", rank=5)
     lr, lam = 0.05, 3.0
-    sched = SoRASchedule(m, total_steps=4, lr=lr, lam0=lam, lam_max=lam, num_stages=2)
+    sched = SoRASchedule(m, total_steps=4, lr=lr, lam0=lam, lam_max=lam, num_stages=2, gate_step="sgd")
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
     before_total = sched.num_trainable()
     for t in range(1, 5):
@@ -383,3 +383,76 @@ def test_schedule_errors():
         LoRASqueezeSchedule(tiny("lora", rank=4), 2, 0, 2, num_events=3)
     with pytest.raises(ValueError, match="num_stages"):
         SoRASchedule(tiny("sora", rank=2), total_steps=2, num_stages=3)
+
+
+def sora_with_b(rank: int) -> nn.Module:
+    """A SoRA model whose B is not zero (at init B = 0 makes every gate gradient 0)."""
+    m = tiny("sora", rank=rank)
+    with torch.no_grad():
+        for layer in adapted_layers(m).values():
+            layer.adapter.B.copy_(torch.randn(layer.adapter.B.shape, generator=torch.Generator().manual_seed(1)))
+    return m
+
+
+def test_sora_adam_gate_step_matches_a_numpy_adam_and_keeps_moments_through_pruning():
+    """``gate_step="adam"``: d = m/(√v + ε)·√(1-β2^t)/(1-β1^t), g ← T_{ηλ}(g − η d), written in NumPy
+    here; at a stage end the pruned gates' moments go and the kept ones stay with their gates."""
+    m = sora_with_b(5)
+    lr, lam, b1, b2, eps = 0.3, 0.4, 0.9, 0.999, 1e-6
+    sched = SoRASchedule(m, total_steps=4, lr=lr, lam0=lam, lam_max=lam, num_stages=2)
+    ref = {n: [l.adapter.gate.detach().numpy().copy(), 0.0, 0.0] for n, l in adapted_layers(m).items()}
+    for t in range(1, 5):
+        loss_of(m).backward()
+        grads = {n: l.adapter.gate.grad.detach().numpy().copy() for n, l in adapted_layers(m).items()}
+        assert all(np.abs(g).max() > 0 for g in grads.values())
+        sched.update()
+        sched.step(t)
+        for n, l in adapted_layers(m).items():
+            g, mom, vel = ref[n]
+            mom = b1 * mom + (1 - b1) * grads[n]
+            vel = b2 * vel + (1 - b2) * grads[n] ** 2
+            d = mom / (np.sqrt(vel) + eps) * np.sqrt(1 - b2**t) / (1 - b1**t)
+            z = g - lr * d
+            g = np.sign(z) * np.maximum(np.abs(z) - lr * lam, 0.0)
+            if t % 2 == 0:  # stage end: zero gates and their moments are cut
+                keep = np.flatnonzero(g)
+                g, mom, vel = g[keep], mom[keep], vel[keep]
+            ref[n] = [g, mom, vel]
+            np.testing.assert_allclose(l.adapter.gate.detach().numpy(), g, **TOL)
+        for p in m.parameters():
+            p.grad = None
+    assert any(len(r[0]) < 5 for r in ref.values())  # the threshold cut something
+
+
+def test_sora_adam_state_round_trips():
+    """A schedule rebuilt from ``state_dict`` (a resume) takes the uninterrupted run's next step;
+    one rebuilt without it (Adam restarted) does not."""
+    def make():
+        model = sora_with_b(4)
+        return model, SoRASchedule(model, total_steps=6, lr=0.1, lam0=0.01, lam_max=0.01)
+
+    def one(model, sched, t):
+        loss_of(model).backward()
+        sched.update()
+        sched.step(t)
+        for p in model.parameters():
+            p.grad = None
+
+    def gates(model):
+        return [layer.adapter.gate.detach().clone() for layer in adapted_layers(model).values()]
+
+    runs = [make() for _ in range(3)]
+    for model, sched in runs:
+        for t in (1, 2):
+            one(model, sched, t)
+    one(*runs[0], 3)  # uninterrupted
+    resumed = SoRASchedule(runs[1][0], total_steps=6, lr=0.1, lam0=0.01, lam_max=0.01)
+    resumed.load_state_dict(runs[1][1].state_dict())
+    one(runs[1][0], resumed, 3)
+    restarted = SoRASchedule(runs[2][0], total_steps=6, lr=0.1, lam0=0.01, lam_max=0.01)
+    one(runs[2][0], restarted, 3)
+    for ga, gb in zip(gates(runs[0][0]), gates(runs[1][0])):
+        torch.testing.assert_close(ga, gb, rtol=0, atol=0)
+    assert any(not torch.equal(ga, gc) for ga, gc in zip(gates(runs[0][0]), gates(runs[2][0])))
+    with pytest.raises(ValueError, match="gate_step"):
+        SoRASchedule(tiny("sora", rank=2), total_steps=2, gate_step="adagrad")
