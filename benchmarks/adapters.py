@@ -39,6 +39,13 @@ METHODS: dict[str, tuple] = {
     "randlora_r32": ("randlora", {"rank": 32}, lambda P: P.RandLoraConfig(r=32, target_modules=["proj"]),
                      "randlora"),
 }
+#: Measured by default.  The transform adapters run ``path="auto"`` there (the dense path at these
+#: token counts); the ``*_structured`` entries force the per-token transform path for comparison.
+DEFAULT_METHODS = list(METHODS)
+METHODS["fourierft_n1000_structured"] = ("fourierft", {"n_frequency": 1000, "path": "structured"},
+                                         METHODS["fourierft_n1000"][2], "fourierft")
+METHODS["loca_n1000_structured"] = ("loca", {"n_frequency": 1000, "path": "structured"},
+                                    METHODS["loca_n1000"][2], "fourierft")
 
 
 class OneLayer(nn.Module):
@@ -159,7 +166,7 @@ def run(sizes: list[tuple[int, int]], methods: list[str], device: str, dtype: to
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=["256:512", "1024:1024"], help="d:tokens pairs")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--repeats", type=int, default=10)

@@ -74,7 +74,7 @@ def extra_floor_ms(method: str, d: int, tokens: int, peak: float, bw: float, elt
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=["4096:8192", "1024:4096"], help="d:tokens pairs")
-    p.add_argument("--methods", nargs="+", default=list(adapter_bench.METHODS), choices=list(adapter_bench.METHODS))
+    p.add_argument("--methods", nargs="+", default=adapter_bench.DEFAULT_METHODS, choices=list(adapter_bench.METHODS))
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--repeats", type=int, default=25)
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd versions of ours")
