@@ -40,7 +40,7 @@ from .loca_locations import (
     random_locations,
 )
 from .registry import register
-from .spectral_dense import check_path, gather_columns, prefers_dense, spectral_dense_linear
+from .spectral_dense import SpectralPaths, check_path, gather_columns
 
 __all__ = [
     "QWHA",
@@ -55,7 +55,7 @@ __all__ = [
 
 # ----------------------------------------------------------------------------- FourierFT
 @register
-class FourierFT(Adapter):
+class FourierFT(SpectralPaths, Adapter):
     r"""FourierFT: :math:`\Delta W = s\,\mathrm{Re}\,\mathrm{IDFT2}(F)` with :math:`c` fixed random frequencies.
 
     Parameters
@@ -176,10 +176,8 @@ class FourierFT(Adapter):
         """Dense :math:`s\\,\\mathrm{Re}(\\mathrm{ifft2}(F))` (for merging and tests; PEFT's formula)."""
         return self._delta(self.spectrum).to(self.spectrum.dtype)
 
-    def _use_dense(self, x: torch.Tensor) -> bool:
-        if self.path != "auto":
-            return self.path == "dense"
-        return prefers_dense(x.numel() // self.d_in, self.d_out, self.d_in, self.n_frequency)
+    def _values(self) -> torch.Tensor:
+        return self.spectrum
 
     def dense_delta(self, coefficients: torch.Tensor) -> torch.Tensor:
         """:math:`\\Delta W` for the dense path: float32 or better, no autograd."""
@@ -205,16 +203,10 @@ class FourierFT(Adapter):
         dot = rr - self._imag_sign.to(cdt) * ii
         return dot * (self.scaling / (self.d_out * self.d_in))
 
-    def fused_output(self, x, base_weight, base_bias):
-        if not self._use_dense(x):
-            return None
-        self._check_input(x)
-        return spectral_dense_linear(self, x, self.spectrum, base_weight, base_bias)
-
     def forward(self, x: torch.Tensor, base_weight: torch.Tensor | None = None) -> torch.Tensor:
         self._check_input(x)
         if self._use_dense(x):
-            return spectral_dense_linear(self, x, self.spectrum)
+            return self._dense(x)
         m, n = self.d_out, self.d_in
         cdt = compute_dtype(x, self.spectrum)
         xf = x.reshape(-1, n).to(cdt)

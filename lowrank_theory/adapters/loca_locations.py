@@ -42,7 +42,7 @@ from torch.autograd.function import once_differentiable
 from .. import backend
 from .base import Adapter
 from .registry import register
-from .spectral_dense import check_path, prefers_dense, spectral_dense_linear
+from .spectral_dense import SpectralPaths, check_path
 
 __all__ = [
     "LoCA",
@@ -357,7 +357,7 @@ class SparseSpectrumMatmul(torch.autograd.Function):
 
 # ----------------------------------------------------------------------------- LoCA
 @register
-class LoCA(Adapter):
+class LoCA(SpectralPaths, Adapter):
     r"""LoCA: :math:`\Delta W = s\,\mathrm{IDCT2}(F) = s\,C_m^\top F\, C_n` with learnable locations.
 
     Parameters
@@ -505,26 +505,18 @@ class LoCA(Adapter):
             sink.add_(est.to(sink.dtype))
         return G(self.locations[:, 0], self.locations[:, 1]) if need else None
 
-    def _use_dense(self, x: torch.Tensor) -> bool:
-        if self.path != "auto":
-            return self.path == "dense"
-        return prefers_dense(x.numel() // self.d_in, self.d_out, self.d_in, self.n_frequency)
+    def _values(self) -> torch.Tensor:
+        return self.coefficients
 
     def _probe(self, x: torch.Tensor) -> torch.Tensor | None:
         if self.learn_locations and torch.is_grad_enabled():
             return torch.ones((), dtype=compute_dtype(x, self.coefficients), device=x.device, requires_grad=True)
         return None
 
-    def fused_output(self, x, base_weight, base_bias):
-        if not self._use_dense(x):
-            return None
-        self._check_input(x)
-        return spectral_dense_linear(self, x, self.coefficients, base_weight, base_bias, self._probe(x))
-
     def forward(self, x: torch.Tensor, base_weight: torch.Tensor | None = None) -> torch.Tensor:
         self._check_input(x)
         if self._use_dense(x):
-            return spectral_dense_linear(self, x, self.coefficients, probe=self._probe(x))
+            return self._dense(x)
         cdt = compute_dtype(x, self.coefficients)
         xhat = backend.dct(x.reshape(-1, self.d_in).to(cdt), axis=-1)
         probe = self._probe(x)

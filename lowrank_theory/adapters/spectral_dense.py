@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ["PATHS", "SpectralDense", "check_path", "gather_columns", "prefers_dense", "spectral_dense_linear"]
+__all__ = ["PATHS", "SpectralDense", "SpectralPaths", "check_path", "gather_columns", "prefers_dense",
+           "spectral_dense_linear"]
 
 PATHS = ("auto", "structured", "dense")
 
@@ -158,3 +159,27 @@ def spectral_dense_linear(
     Tensor (..., m)
     """
     return _SpectralDenseLinear.apply(x, coefficients, probe, adapter, base_weight, base_bias)
+
+
+class SpectralPaths:
+    """Mixin for FourierFT and LoCA (listed before :class:`Adapter` in the bases): the path choice
+    and the dense path's fused layer.  The class sets ``path`` and ``n_frequency`` and provides
+    ``_values()`` (the trainable coefficients) and ``_probe(x)``."""
+
+    def _use_dense(self, x: torch.Tensor) -> bool:
+        if self.path != "auto":
+            return self.path == "dense"
+        return prefers_dense(x.numel() // self.d_in, self.d_out, self.d_in, self.n_frequency)
+
+    def _probe(self, x: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def _dense(self, x, base_weight=None, base_bias=None):
+        return spectral_dense_linear(self, x, self._values(), base_weight, base_bias, self._probe(x))
+
+    def fused_output(self, x, base_weight, base_bias):
+        """The whole layer by the dense path when it is the one chosen, else None (structured)."""
+        if not self._use_dense(x):
+            return None
+        self._check_input(x)
+        return self._dense(x, base_weight, base_bias)

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lowrank_theory import adapters
-from lowrank_theory.adapters import loca_locations, spectral_dense
+from lowrank_theory.adapters import spectral_dense
 from lowrank_theory.adapters.layer import AdaptedLinear
 from lowrank_theory.adapters.spectral_dense import prefers_dense
 from tests.adapters.contract import AdapterContract, relerr
@@ -156,8 +156,7 @@ def test_auto_runs_the_path_the_rule_picks(name, monkeypatch):
         calls.append(a[1].shape[0])
         return real(*a, **k)
 
-    module = loca_locations if name == "loca" else adapters.frequency
-    monkeypatch.setattr(module, "spectral_dense_linear", spy)
+    monkeypatch.setattr(spectral_dense, "spectral_dense_linear", spy)
     auto = _layer(name, m, n, c, "auto")
     fixed = _layer(name, m, n, c, "structured")
     for tokens in (small, large):
