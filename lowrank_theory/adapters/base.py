@@ -79,6 +79,9 @@ class Adapter(nn.Module):
     needs_base: ClassVar[bool] = False
     #: The method defines the merged weight directly (DoRA, SSF, HUT).
     multiplicative: ClassVar[bool] = False
+    #: Config keys that choose how the update is computed, not what it is (``path``): checkpoints
+    #: written with one value load into an adapter built with another.
+    execution_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, d_out: int, d_in: int) -> None:
         super().__init__()

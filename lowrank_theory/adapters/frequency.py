@@ -120,6 +120,7 @@ class FourierFT(SpectralPaths, Adapter):
     """
 
     name = "fourierft"
+    execution_keys: ClassVar[tuple[str, ...]] = ("path",)
     identity_at_init: ClassVar[bool] = False
 
     def __init__(

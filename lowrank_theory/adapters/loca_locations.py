@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -423,6 +423,7 @@ class LoCA(SpectralPaths, Adapter):
     """
 
     name = "loca"
+    execution_keys: ClassVar[tuple[str, ...]] = ("path",)
 
     def __init__(
         self,

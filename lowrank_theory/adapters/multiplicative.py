@@ -13,7 +13,7 @@ through the structure; merge and unmerge are exact inverses (up to round-off).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -469,6 +469,7 @@ class HUT(Adapter):
     """
 
     name = "hut"
+    execution_keys: ClassVar[tuple[str, ...]] = ("path",)
     needs_base = True
     multiplicative = True
 

@@ -240,9 +240,9 @@ def _validate(
             raise ValueError(
                 f"layer {n!r}: shape mismatch, file has {entry.get('shape')}, model has {[ad.d_out, ad.d_in]}"
             )
-        want, have = entry.get("config"), to_json(ad.config())
+        want, have = _update_config(ad, entry.get("config")), _update_config(ad, to_json(ad.config()))
         if want != have:
-            keys = sorted(k for k in set(want or {}) | set(have) if (want or {}).get(k) != have.get(k))
+            keys = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
             raise ValueError(f"layer {n!r}: config mismatch in {keys}: file {want}, model {have}")
     state, model_aliases = adapter_state(layer_adapters)
     file_aliases = config.get("aliases") or {}
@@ -264,6 +264,14 @@ def _validate(
     return pairs
 
 
+def _update_config(ad: Adapter, config: Any) -> dict[str, Any]:
+    """The part of a (JSON) config that defines the update: ``execution_keys`` (``path``) dropped,
+    so a checkpoint loads whichever way the model computes the same update."""
+    if not isinstance(config, dict):
+        return {"__invalid__": config}
+    return {k: v for k, v in config.items() if k not in type(ad).execution_keys}
+
+
 def _resized(layer_adapters: dict[str, Adapter], config: dict[str, Any]) -> dict[str, Adapter]:
     """Adapters rebuilt from the file's per-layer method and config where they differ from the model's."""
     from .. import adapters as registry
@@ -276,7 +284,9 @@ def _resized(layer_adapters: dict[str, Adapter], config: dict[str, Any]) -> dict
         entry = info.get(n)
         if not isinstance(entry, dict):
             continue  # _validate reports the missing layer
-        if entry.get("method") == type(ad).name and entry.get("config") == to_json(ad.config()):
+        if entry.get("method") == type(ad).name and (
+            _update_config(ad, entry.get("config")) == _update_config(ad, to_json(ad.config()))
+        ):
             continue
         if list(entry.get("shape", [])) != [ad.d_out, ad.d_in]:
             continue  # a shape mismatch is an error, reported by _validate

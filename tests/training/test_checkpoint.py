@@ -20,6 +20,7 @@ from torch import nn
 from lowrank_theory.adapters.projection import UniLoRAShared
 from lowrank_theory.training import adapted_layers, inject, load_adapters, merge, save_adapters
 from lowrank_theory.training.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from tests.conftest import tol
 from tests.training import (
     assert_unchanged,
     gpt2_inputs,
@@ -224,3 +225,29 @@ def test_save_errors(tmp_path):
         save_adapters(model, tmp_path)
     with pytest.raises(TypeError, match="inject=True"):
         load_adapters(model, tmp_path, rank=3)
+
+
+@pytest.mark.parametrize("method", ["fourierft", "loca"])
+def test_checkpoints_load_across_compute_paths(tmp_path, method):
+    """``path`` chooses how the update is computed, not what it is: a checkpoint written with one
+    path loads into a model built with another and gives its outputs; a real config difference is
+    still refused."""
+    def base():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(12, 10)).double()
+
+    src = base()
+    inject(src, method, targets=["0"], n_frequency=7, path="dense")
+    with torch.no_grad():
+        next(iter(adapted_layers(src)["0"].adapter.parameters())).normal_()
+    save_adapters(src, tmp_path)
+    dst = base()
+    inject(dst, method, targets=["0"], n_frequency=7, path="structured")
+    x = torch.randn(5, 12, dtype=torch.float64)
+    assert not torch.allclose(dst(x), src(x))  # before loading: different coefficients
+    load_adapters(dst, tmp_path)
+    torch.testing.assert_close(dst(x), src(x), **tol(torch.float64))  # two paths: round-off apart
+    other = nn.Sequential(nn.Linear(12, 10)).double()
+    inject(other, method, targets=["0"], n_frequency=8)
+    with pytest.raises(ValueError, match="n_frequency"):
+        load_adapters(other, tmp_path)
