@@ -156,7 +156,7 @@ class FourierFT(SpectralPaths, Adapter):
         rows = locs[:, 0]
         self.register_buffer("_row_rfft_index", torch.where(rows <= d_out // 2, rows, d_out - rows), persistent=False)
         flips = (rows > d_out // 2) ^ (cols > d_in // 2)
-        self.register_buffer("_imag_sign", 1.0 - 2.0 * flips.to(torch.float64), persistent=False)
+        self.register_buffer("_imag_sign", 1.0 - 2.0 * flips.to(torch.float32), persistent=False)
         if init_weights:
             values = torch.zeros(n_frequency)
         else:

@@ -190,7 +190,7 @@ def _spectral_dense_layer(c: Ctx, P: dict[str, T], x: T, W0: T) -> T:
         coef.insert(len(coef) // 2, ("scale", Tn * m, 2 * A * Tn * m, 0.0, "adapter"))
     coef += [("mul", parts * k * Tn, 3 * A * parts * k * Tn), ("sum", parts * k * Tn, A * parts * (k * Tn + k))]
     if fourier:
-        coef += [("sign_cast", 0.0, 12 * k), ("mul", k, 3 * A * k), ("sub", k, 3 * A * k), ("scale", k, 2 * A * k)]
+        coef += [("mul", k, 3 * A * k), ("sub", k, 3 * A * k), ("scale", k, 2 * A * k)]
     del Wp
     return g.custom("spectral_dense_linear", [x, a], (Tn, m), fwd,
                     {0: [("grad_x", 2 * Tn * m * n, e * (Tn * m + m * n + Tn * n), 2 * Tn * m * n, "base")],
