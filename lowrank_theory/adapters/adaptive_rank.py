@@ -493,7 +493,9 @@ def sora_proximal_step(g: torch.Tensor, grad: torch.Tensor, lr: float, lam: floa
     :math:`|g - \eta\nabla| \le \eta\lambda` become exactly zero, which
     :meth:`SoRA.prune_zero_gates` cuts.  The authors' ``sparse_optimizer_multiply_lr.py``
     applies the same threshold :math:`\eta\lambda` after an Adam step; here the smooth step is
-    plain SGD so the update is the textbook proximal-gradient one.
+    plain SGD so the update is the textbook proximal-gradient one (pass an Adam direction as
+    ``grad`` for theirs, as :class:`~lowrank_theory.training.schedules.SoRASchedule` does with
+    ``gate_step="adam"``).
 
     References
     ----------
