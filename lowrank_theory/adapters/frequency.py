@@ -154,6 +154,12 @@ class FourierFT(SpectralPaths, Adapter):
         # entry is the conjugate of the mirrored one, so the product of the two imaginary parts
         # changes sign when exactly one of k, l is past the middle
         rows = locs[:, 0]
+        # ΔW's half spectrum (see _delta): the cells (k, l) and (-k, -l) that fall in columns <= n/2
+        both_r, both_c = torch.cat([rows, (-rows) % d_out]), torch.cat([cols, (-cols) % d_in])
+        keep = both_c <= d_in // 2
+        self.register_buffer("_half_keep", keep, persistent=False)
+        self.register_buffer("_half_rows", both_r[keep], persistent=False)
+        self.register_buffer("_half_cols", both_c[keep], persistent=False)
         self.register_buffer("_row_rfft_index", torch.where(rows <= d_out // 2, rows, d_out - rows), persistent=False)
         flips = (rows > d_out // 2) ^ (cols > d_in // 2)
         self.register_buffer("_imag_sign", 1.0 - 2.0 * flips.to(torch.float32), persistent=False)
@@ -169,9 +175,22 @@ class FourierFT(SpectralPaths, Adapter):
         return n_frequency
 
     def _delta(self, values: torch.Tensor) -> torch.Tensor:
+        r""":math:`s\,\mathrm{Re}\,\mathrm{ifft2}(F)` by a half-size inverse real FFT.
+
+        For real :math:`F`, :math:`\mathrm{Re}\,\mathrm{ifft2}(F) = \mathrm{ifft2}(H)` with the
+        Hermitian part :math:`H_{kl} = \tfrac12(F_{kl} + F_{-k,-l})` (the cosine sums agree, the
+        sine sums cancel), and ``irfft2`` needs only the columns :math:`l \le n/2` of :math:`H`:
+        each coefficient puts :math:`a_i/2` at :math:`(k_i, l_i)` and at :math:`(-k_i, -l_i)`
+        (indices mod m, n), those that land in that half are kept.  Half the transform work and
+        memory of ``ifft2(F).real`` (PEFT's formula), same result to round-off.
+        """
         cdt = torch.promote_types(values.dtype, torch.float32)
-        F = dense_spectrum(values.to(cdt), self.locations, (self.d_out, self.d_in))
-        return torch.fft.ifft2(F).real * self.scaling
+        m, n = self.d_out, self.d_in
+        v = values.to(cdt) * 0.5
+        H = v.new_zeros(m, n // 2 + 1).index_put(
+            (self._half_rows, self._half_cols), torch.cat([v, v])[self._half_keep], accumulate=True
+        )
+        return torch.fft.irfft2(torch.complex(H, torch.zeros_like(H)), s=(m, n)) * self.scaling
 
     def delta_weight(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
         """Dense :math:`s\\,\\mathrm{Re}(\\mathrm{ifft2}(F))` (for merging and tests; PEFT's formula)."""

@@ -103,9 +103,8 @@ class _SpectralDenseLinear(torch.autograd.Function):
     def forward(ctx, x, coefficients, probe, adapter, base_weight, base_bias):
         ctx.probed = probe is not None  # the probe makes the backward run when the coefficients are frozen
         with torch.no_grad():
-            dw = adapter.dense_delta(coefficients)
-            W = dw if base_weight is None else base_weight.to(dw.dtype) + dw
-            W = W.to(x.dtype if base_weight is None else base_weight.dtype)
+            W = adapter.dense_delta(coefficients)  # a fresh float32+ tensor: W0 is added in place
+            W = W.to(x.dtype) if base_weight is None else W.add_(base_weight).to(base_weight.dtype)
         y = F.linear(x, W, base_bias)
         ctx.save_for_backward(x, coefficients, W)
         ctx.adapter = adapter

@@ -134,11 +134,16 @@ def _fourierft_fwd(c, P, x):
 
 
 def _fourierft_dw(c, P, W0, cast=True):
-    g = c.g
-    F = _dense_spectrum(g, g.cast(P["spectrum"], c.acc), (c.m, c.n))
-    Z = g.fft("ifft2_rows", F, "fft_r2c", c.n)  # ifft2 of a real array: one pass per axis
-    Z = g.fft("ifft2_cols", Z, "ifft", c.m)
-    dw = g.ew("scale", g.view(Z, (c.m, c.n), eb=c.acc, bwd_kernels=1), grads="linear")
+    """``FourierFT._delta``: halves of the coefficients at (k, l) and (-k, -l), the cells in columns
+    <= n/2 kept (about c of the 2c), an inverse complex FFT along the rows, an inverse real FFT
+    along the columns."""
+    g, m, h, k = c.g, c.m, c.n // 2 + 1, P["spectrum"].shape[0]
+    a = g.ew("scale", g.cast(P["spectrum"], c.acc), grads="linear")
+    kept = g.index_select(g.cat("cat", [a, a], (2 * k,)), k, name="mask_select")
+    H = _dense_spectrum(g, kept, (m, h))
+    Hc = g.ew("complex", H, g.fill("zeros_like", (m, h), eb=c.acc), grads="add", out_eb=2 * c.acc)
+    Z = g.view(g.fft("irfft2_cols", g.view(Hc, (h, m)), "ifft", m), (m, h))  # along axis 0 (a moved view)
+    dw = g.ew("scale", g.fft("irfft2_rows", Z, "irfft", c.n), grads="linear")
     return g.cast(dw, c.eb) if cast else dw
 
 

@@ -184,13 +184,14 @@ def test_base_cost_by_hand():
 def test_transform_paths_grow_subquadratically():
     # The structured FFT/DCT adapters cost O(T (n log n + c)): x4 in d gives about x4.8.  The WHT runs
     # dense H_{2^c} blocks (c <= 6), n·sum(2^c) flops per vector: 2^10 splits as 5+5 bits and 2^12 as
-    # 6+6, so x4 in d gives x8 there.  A dense ΔW path is O(T n^2 + n^2 ...): x16.
+    # 6+6, so x4 in d gives x8 there.  A dense ΔW path is O(n^2 log n) per call on top of the per-token
+    # work: x16 and more; at T = 256 and d = 4096 that per-call part is over 5x the structured path's.
     for method, most in (("fourierft", 5.5), ("loca", 5.5), ("qwha", 8.5)):
         small, big = (cx.cost(method, 256, d, d, pass_="fwd+bwd").select(part="adapter") for d in (1024, 4096))
         dense_small, dense_big = (cx.cost(method, 256, d, d, pass_="fwd+bwd", path="dense").select(part="adapter")
                                   for d in (1024, 4096))
         assert 4 < big.flops / small.flops < most < 15 < dense_big.flops / dense_small.flops
-        assert big.flops < dense_big.flops / 10
+        assert big.flops < dense_big.flops / 5
 
 
 def test_hut_structured_costs_r_base_products_dense_costs_one():
