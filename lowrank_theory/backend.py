@@ -290,40 +290,52 @@ def lu(A: Any):
 
 
 def _torch_dct_ii(x, axis: int, norm: str):
-    """Orthonormal/unnormalized DCT-II along ``axis`` via one length-n FFT (Makhoul 1980)."""
+    r"""Orthonormal/unnormalized DCT-II along ``axis`` via one length-n real FFT (Makhoul 1980).
+
+    With :math:`v` the reordering (even indices ascending, odd ones descending) and
+    :math:`P_k = V_k e^{-\mathrm{i}\pi k/2n}` for :math:`V = \mathrm{rfft}(v)`, :math:`k \le n/2`:
+    :math:`y_k = 2\,\mathrm{Re}\,P_k` and, since :math:`V_{n-j} = \overline{V_j}` and
+    :math:`e^{-\mathrm{i}\pi(n-j)/2n} = -\mathrm{i}\,\overline{e^{-\mathrm{i}\pi j/2n}}`,
+    :math:`y_{n-j} = -2\,\mathrm{Im}\,P_j`: half the transform and twiddle work of a complex FFT.
+    """
     import torch
 
     x = torch.movedim(x, axis, -1)
     n = x.shape[-1]
-    # reorder: even indices ascending, odd indices descending
+    h = n // 2 + 1
     v = torch.cat([x[..., ::2], torch.flip(x[..., 1::2], dims=(-1,))], dim=-1)
-    Vc = torch.fft.fft(v, dim=-1)
-    k = torch.arange(n, device=x.device, dtype=x.dtype)
+    k = torch.arange(h, device=x.device, dtype=x.dtype)
     w = torch.exp(torch.complex(torch.zeros_like(k), -math.pi * k / (2 * n)))
-    y = 2.0 * torch.real(Vc * w)
+    P = torch.fft.rfft(v, dim=-1) * w
+    y = torch.cat([P.real, -torch.flip(P.imag[..., 1 : n - h + 1], dims=(-1,))], dim=-1)
+    scale = torch.full((n,), math.sqrt(2.0 / n) if norm == "ortho" else 2.0, dtype=x.dtype, device=x.device)
     if norm == "ortho":
-        scale = torch.full((n,), math.sqrt(1.0 / (2 * n)), dtype=x.dtype, device=x.device)
-        scale[0] = math.sqrt(1.0 / (4 * n))
-        y = y * scale
-    return torch.movedim(y, -1, axis)
+        scale[0] = math.sqrt(1.0 / n)
+    return torch.movedim(y * scale, -1, axis)
 
 
 def _torch_dct_iii(y, axis: int, norm: str):
-    """Inverse of :func:`_torch_dct_ii` (a DCT-III), via one length-n inverse FFT."""
+    r"""Inverse of :func:`_torch_dct_ii` (a DCT-III), via one length-n inverse real FFT.
+
+    Undoes :math:`y_k = 2\,\mathrm{Re}(V_k e^{-\mathrm{i}\pi k/2n})` with
+    :math:`V_k = \tfrac12 (y_k - \mathrm{i}\,y_{n-k})\,e^{\mathrm{i}\pi k/2n}` (:math:`y_n = 0`), needed
+    only for :math:`k \le n/2` since :math:`v` is real (:math:`V_0` and, n even, :math:`V_{n/2}` are real).
+    """
     import torch
 
     y = torch.movedim(y, axis, -1)
     n = y.shape[-1]
+    h = n // 2 + 1
     if norm == "ortho":
         scale = torch.full((n,), math.sqrt(2.0 * n), dtype=y.dtype, device=y.device)
         scale[0] = math.sqrt(4.0 * n)
         y = y * scale
-    # undo y_k = 2 Re(V_k e^{-i pi k / 2n}) using V_{n-k} = conj(V_k) (v is real)
-    k = torch.arange(n, device=y.device, dtype=y.dtype)
-    y_rev = torch.cat([torch.zeros_like(y[..., :1]), torch.flip(y[..., 1:], dims=(-1,))], dim=-1)
-    w = torch.exp(torch.complex(torch.zeros_like(k), math.pi * k / (2 * n)))
-    V = 0.5 * torch.complex(y, -y_rev) * w
-    v = torch.real(torch.fft.ifft(V, dim=-1))
+    a = y[..., :h]
+    b = torch.cat([torch.zeros_like(y[..., :1]), torch.flip(y[..., n - h + 1 :], dims=(-1,))], dim=-1)  # y_{n-k}
+    k = torch.arange(h, device=y.device, dtype=y.dtype) * (math.pi / (2 * n))
+    c, s = torch.cos(k), torch.sin(k)
+    V = torch.complex(0.5 * (a * c + b * s), 0.5 * (a * s - b * c))
+    v = torch.fft.irfft(V, n=n, dim=-1)
     x = torch.empty_like(v)
     half = (n + 1) // 2
     x[..., ::2] = v[..., :half]

@@ -2,8 +2,8 @@ r"""Op-by-op models of the transform-domain adapters (FourierFT, LoCA, QWHA) and
 multiplicative ones (DoRA, SSF, HUT), registered into :data:`.adapter_costs.MODELS`.
 
 The transforms follow the code they call: the rFFT/irFFT pair of ``FourierFT.forward``; the
-FFT-based DCT-II / DCT-III of ``lowrank_theory.backend`` (Makhoul's reordering, one complex
-FFT of length n, a twiddle product, the orthonormal scaling); the Walsh–Hadamard transform of
+FFT-based DCT-II / DCT-III of ``lowrank_theory.backend`` (Makhoul's reordering, one real FFT
+of length n, a twiddle product on its n/2 + 1 outputs, the orthonormal scaling); the Walsh–Hadamard transform of
 ``lowrank_theory.linalg.wht`` (dense :math:`H_{2^c}` blocks, :math:`c \le 6`, one matrix
 product per block -- so its FLOPs are matrix-product FLOPs, :math:`2RL\cdot 2^c` per block);
 and the sparse spectrum product ``SparseSpectrumMatmul`` (gather, scale, scatter-add; its
@@ -23,7 +23,7 @@ __all__ = ["dct_ii", "idct_iii", "sparse_spectrum_matmul", "wht"]
 
 # ----------------------------------------------------------------------------- transforms
 def _twiddle(g: CostGraph, L: int, eb: float) -> T:
-    """``exp(complex(zeros_like(k), ±π k / 2L))``: arange, zeros_like, mul, div, complex, exp."""
+    """``exp(complex(zeros_like(k), ±π k / 2n))`` for L values of k: arange, zeros_like, mul, div, complex, exp."""
     k = g.fill("arange", (L,), eb=eb)
     for name in ("zeros_like", "mul", "div", "complex"):
         g.launch(name)
@@ -31,36 +31,44 @@ def _twiddle(g: CostGraph, L: int, eb: float) -> T:
 
 
 def dct_ii(g: CostGraph, x: T) -> T:
-    """Orthonormal DCT-II along the last axis of x (R, L), as ``backend._torch_dct_ii``."""
+    """Orthonormal DCT-II along the last axis of x (R, L), as ``backend._torch_dct_ii``: reorder,
+    one real FFT, the twiddle product on the L/2 + 1 outputs, real and flipped imaginary parts, scale."""
     R, L = math.prod(x.shape[:-1]), x.shape[-1]
+    h = L // 2 + 1
     x = g.view(x, (R, L))
     even = g.view(x, (R, (L + 1) // 2), bwd_kernels=2)
     odd = g.copy("flip", g.view(x, (R, L // 2), bwd_kernels=2))
     v = g.cat("cat", [even, odd], (R, L))
-    Vc = g.fft("fft", v, "fft_r2c", L)
-    y = g.ew("cmul", Vc, _twiddle(g, L, x.eb), flops=6.0)
-    y = g.ew("scale", g.view(y, (R, L), eb=x.eb, bwd_kernels=1), grads="linear")  # 2.0 * real(.)
+    P = g.ew("cmul", g.fft("rfft", v, "rfft", L), _twiddle(g, h, x.eb), flops=6.0)
+    re = g.view(P, (R, h), eb=x.eb, bwd_kernels=1)
+    im = g.ew("neg", g.copy("flip", g.view(P, (R, L - h), eb=x.eb, bwd_kernels=2)), grads="linear")
+    y = g.cat("cat", [re, im], (R, L))
     scale = g.fill("full", (L,), eb=x.eb)
     g.launch("setitem")
     return g.ew("mul", y, scale)
 
 
 def idct_iii(g: CostGraph, y: T) -> T:
-    """Inverse of :func:`dct_ii` along the last axis (a DCT-III), as ``backend._torch_dct_iii``."""
+    """Inverse of :func:`dct_ii` along the last axis (a DCT-III), as ``backend._torch_dct_iii``: scale,
+    the L/2 + 1 complex inputs of one inverse real FFT from y and its reversal, the interleave."""
     R, L = math.prod(y.shape[:-1]), y.shape[-1]
+    h = L // 2 + 1
     eb = y.eb
     scale = g.fill("full", (L,), eb=eb)
     g.launch("setitem")
     y = g.ew("mul", g.view(y, (R, L)), scale)
+    a = g.view(y, (R, h), bwd_kernels=2)
     zeros = g.fill("zeros_like", (R, 1), eb=eb)
-    rest = g.copy("flip", g.view(y, (R, L - 1), bwd_kernels=2))
-    y_rev = g.cat("cat", [zeros, rest], (R, L))
-    w = _twiddle(g, L, eb)
-    V = g.ew("complex", y, g.ew("neg", y_rev, grads="linear"), grads="add", out_eb=2 * eb)
-    V = g.ew("cmul", g.ew("scale", V, grads="linear"), w, flops=6.0)
-    v = g.view(g.fft("ifft", V, "ifft", L), (R, L), eb=eb, bwd_kernels=1)
+    b = g.cat("cat", [zeros, g.copy("flip", g.view(y, (R, h - 1), bwd_kernels=2))], (R, h))
+    k = g.ew("scale", g.fill("arange", (h,), eb=eb), grads="none")
+    c, s = g.ew("cos", k, grads="none", flops=8.0), g.ew("sin", k, grads="none", flops=8.0)
+    re = g.ew("scale", g.ew("add", g.ew("mul", a, c), g.ew("mul", b, s), grads="add"), grads="linear")
+    im = g.ew("scale", g.ew("sub", g.ew("mul", a, s), g.ew("mul", b, c), grads="sub"), grads="linear")
+    V = g.ew("complex", re, im, grads="add", out_eb=2 * eb)
+    v = g.fft("irfft", V, "irfft", L)
     half, odd = (L + 1) // 2, L // 2
-    fwd = [("copy_even", 0.0, 2 * eb * R * half), ("flip", 0.0, 2 * eb * R * odd), ("copy_odd", 0.0, 2 * eb * R * odd)]
+    fwd = [("empty_like", 0.0, 0.0), ("copy_even", 0.0, 2 * eb * R * half), ("flip", 0.0, 2 * eb * R * odd),
+           ("copy_odd", 0.0, 2 * eb * R * odd)]
     bwd = {0: [("slice_grad_zeros", 0.0, eb * R * L), ("slice_grad_copy", 0.0, 2 * eb * R * half),
                ("flip_grad", 0.0, 2 * eb * R * odd), ("slice_grad_zeros", 0.0, eb * R * L),
                ("slice_grad_copy", 0.0, 2 * eb * R * odd), ("grad_accumulate", R * L, 3 * eb * R * L)]}
