@@ -150,9 +150,6 @@ class FourierFT(SpectralPaths, Adapter):
         self.register_buffer("_rfft_index", torch.where(cols <= d_in // 2, cols, d_in - cols), persistent=False)
         self.register_buffer("_conj", cols <= d_in // 2, persistent=False)
         self.register_buffer("_neg_index", (-torch.arange(d_out // 2 + 1)) % d_out, persistent=False)
-        # the dense path's backward reads fft(g)_k and fft(x)_l from rFFTs: past the middle the
-        # entry is the conjugate of the mirrored one, so the product of the two imaginary parts
-        # changes sign when exactly one of k, l is past the middle
         rows = locs[:, 0]
         # ΔW's half spectrum (see _delta): the cells (k, l) and (-k, -l) that fall in columns <= n/2
         both_r, both_c = torch.cat([rows, (-rows) % d_out]), torch.cat([cols, (-cols) % d_in])
@@ -160,6 +157,9 @@ class FourierFT(SpectralPaths, Adapter):
         self.register_buffer("_half_keep", keep, persistent=False)
         self.register_buffer("_half_rows", both_r[keep], persistent=False)
         self.register_buffer("_half_cols", both_c[keep], persistent=False)
+        # the dense path's backward reads fft(g)_k and fft(x)_l from rFFTs: past the middle the
+        # entry is the conjugate of the mirrored one, so the product of the two imaginary parts
+        # changes sign when exactly one of k, l is past the middle
         self.register_buffer("_row_rfft_index", torch.where(rows <= d_out // 2, rows, d_out - rows), persistent=False)
         flips = (rows > d_out // 2) ^ (cols > d_in // 2)
         self.register_buffer("_imag_sign", 1.0 - 2.0 * flips.to(torch.float32), persistent=False)
