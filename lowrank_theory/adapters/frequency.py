@@ -154,7 +154,8 @@ class FourierFT(SpectralPaths, Adapter):
         # ΔW's half spectrum (see _delta): the cells (k, l) and (-k, -l) that fall in columns <= n/2
         both_r, both_c = torch.cat([rows, (-rows) % d_out]), torch.cat([cols, (-cols) % d_in])
         keep = both_c <= d_in // 2
-        self.register_buffer("_half_keep", keep, persistent=False)
+        # which coefficient each kept cell takes (an index, not a mask: no host sync on CUDA)
+        self.register_buffer("_half_src", torch.nonzero(keep).squeeze(1) % n_frequency, persistent=False)
         self.register_buffer("_half_rows", both_r[keep], persistent=False)
         self.register_buffer("_half_cols", both_c[keep], persistent=False)
         # the dense path's backward reads fft(g)_k and fft(x)_l from rFFTs: past the middle the
@@ -188,7 +189,7 @@ class FourierFT(SpectralPaths, Adapter):
         m, n = self.d_out, self.d_in
         v = values.to(cdt) * 0.5
         H = v.new_zeros(m, n // 2 + 1).index_put(
-            (self._half_rows, self._half_cols), torch.cat([v, v])[self._half_keep], accumulate=True
+            (self._half_rows, self._half_cols), v.index_select(0, self._half_src), accumulate=True
         )
         return torch.fft.irfft2(torch.complex(H, torch.zeros_like(H)), s=(m, n)) * self.scaling
 
