@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["lora_linear"]
+__all__ = ["fusable", "lora_linear"]
 
 
 class _LoRALinear(torch.autograd.Function):
@@ -57,6 +57,15 @@ class _LoRALinear(torch.autograd.Function):
         if ctx.needs_input_grad[4]:
             gB = (g2.T @ xa) * s
         return gx, None, None, gA, gB, None
+
+
+def fusable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *factors: torch.Tensor) -> bool:
+    """Whether :func:`lora_linear` applies: the frozen weight and bias need no gradient and every
+    tensor shares one dtype and device (otherwise the caller runs its unfused path)."""
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        return False
+    tensors = [x, weight, *factors] + ([bias] if bias is not None else [])
+    return len({(t.dtype, t.device) for t in tensors}) == 1
 
 
 def lora_linear(

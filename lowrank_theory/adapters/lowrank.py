@@ -17,7 +17,7 @@ from torch import nn
 
 from ..linalg import randomized_svd, truncated_svd
 from .base import Adapter, check_rank, check_weight
-from .fused import lora_linear
+from .fused import fusable, lora_linear
 from .registry import register
 
 __all__ = ["LoRA", "MiLoRA", "PiSSA", "lora_scale"]
@@ -110,10 +110,7 @@ class LoRA(Adapter):
         """
         if type(self).forward is not LoRA.forward or (self.training and not isinstance(self.dropout, nn.Identity)):
             return None
-        tensors = [x, base_weight, self.A, self.B] + ([base_bias] if base_bias is not None else [])
-        if base_weight.requires_grad or (base_bias is not None and base_bias.requires_grad):
-            return None
-        if len({(t.dtype, t.device) for t in tensors}) != 1:
+        if not fusable(x, base_weight, base_bias, self.A, self.B):
             return None
         self._check_input(x)
         return lora_linear(x, base_weight, base_bias, self.A, self.B, self.scale)

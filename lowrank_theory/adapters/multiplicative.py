@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .base import Adapter, check_rank, check_weight
-from .fused import lora_linear
+from .fused import fusable, lora_linear
 from .lowrank import lora_scale
 from .registry import register
 
@@ -270,10 +270,7 @@ class DoRA(Adapter):
         applies the row scale and the bias.  None (the unfused path runs) when the frozen weight or
         bias needs a gradient or the tensors do not share one dtype and device.
         """
-        tensors = [x, base_weight, self.A, self.B] + ([base_bias] if base_bias is not None else [])
-        if base_weight.requires_grad or (base_bias is not None and base_bias.requires_grad):
-            return None
-        if len({(t.dtype, t.device) for t in tensors}) != 1:
+        if not fusable(x, base_weight, base_bias, self.A, self.B):
             return None
         self._check_input(x)
         c = self.row_scale(self._require_base(base_weight)).to(x.dtype)
