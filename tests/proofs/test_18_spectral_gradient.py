@@ -19,19 +19,12 @@ from hypothesis import strategies as st
 
 from lowrank_theory import adapters
 from tests.conftest import tol
+from tests.proofs.test_17_dct_orthonormal import _D_sym
 
 RTOL = tol("float64")["rtol"]
 M, N = 3, 4
 # complex Ĝ_k and X̂_l at both cells (so the sign of their imaginary product matters); (2, 3) is past both middles
 CELLS = [(1, 1), (2, 3)]
-
-
-def _dct_sym(n: int) -> sp.Matrix:
-    def entry(k, j):
-        s = sp.sqrt(sp.Rational(1, n)) if k == 0 else sp.sqrt(sp.Rational(2, n))
-        return s * sp.cos(sp.pi * k * (2 * j + 1) / (2 * n))
-
-    return sp.Matrix(n, n, entry)
 
 
 def _symbols():
@@ -47,7 +40,7 @@ def _symbols():
 
 def test_sympy_chain_rule_dct():
     a, x, g, s, F = _symbols()
-    Cm, Cn = _dct_sym(M), _dct_sym(N)
+    Cm, Cn = _D_sym(M), _D_sym(N)
     L = (g.T * (s * Cm.T * F * Cn) * x)[0, 0]
     gh, xh = Cm * g, Cn * x
     for ai, (k, l) in zip(a, CELLS):
