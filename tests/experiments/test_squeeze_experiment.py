@@ -9,6 +9,7 @@ import torch
 
 from lowrank_theory.adapters.lowrank import LoRA
 from lowrank_theory.experiments import squeeze
+from tests.experiments import run_tiny
 
 TINY = dict(m=12, n=10, beta=0.4, r_src=4, targets=[1, 2], budgets=[40], ft_frac=1 / 4, events=2,
             anneal_frac=0.5, n_train=48, noise=0.05, lr=3e-2, seeds=[0])
@@ -16,11 +17,7 @@ TINY = dict(m=12, n=10, beta=0.4, r_src=4, targets=[1, 2], budgets=[40], ft_frac
 
 @pytest.fixture(scope="module")
 def rows():
-    squeeze.SCALES["tiny"] = TINY
-    try:
-        yield squeeze.run("tiny")
-    finally:
-        del squeeze.SCALES["tiny"]
+    return run_tiny(squeeze, TINY)
 
 
 def test_claims_hold(rows):
