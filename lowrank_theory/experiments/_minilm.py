@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Iterator
 from typing import Any
 
 from torch import nn
 
-__all__ = ["KINDS", "minilm", "module_kind", "no_dropout", "truncate"]
+__all__ = ["KINDS", "docstring_tasks", "minilm", "module_kind", "no_dropout", "truncate"]
 
 #: Roles of the linear layers of a BERT block, in block order.
 KINDS = ("q", "k", "v", "o", "ffn_in", "ffn_out")
@@ -116,3 +117,17 @@ def module_kind(name: str) -> tuple[int, str]:
         raise ValueError(f"name must be a linear layer of a BERT block (…layer.<i>.{{{', '.join(_SUFFIX)}}}), "
                          f"got {name!r}")
     return int(m.group(1)), _SUFFIX[m.group(2)]
+
+
+def docstring_tasks(n_layers: int, max_length: int, seeds: list[int], device: Any = "cpu",
+                    seed: int = 0) -> Iterator[tuple[int, Any]]:
+    """For each ``s`` in ``seeds``: ``(seed + s, task)``, the docstring classification task on a fresh
+    ``n_layers``-block MiniLM on ``device``, split and head seeded by ``seed + s`` (the dataset is
+    built once)."""
+    from ..training.data import docstring_dataset
+    from ..training.tasks import classification_task
+
+    data = docstring_dataset()
+    for s in seeds:
+        model, tok = minilm(n_layers)
+        yield seed + s, classification_task(model.to(device), tok, data, max_length=max_length, seed=seed + s)

@@ -48,7 +48,7 @@ import math
 import numpy as np
 from torch import nn
 
-from ._minilm import minilm
+from ._minilm import docstring_tasks
 from ._plot import plt, save
 from ._probe import linear_probe, pooled_features  # noqa: F401  (re-exported for the notebook and tests)
 from ._regression import intra_op_threads
@@ -128,19 +128,12 @@ def run(scale: str = "quick", *, backend: str = "numpy", device: str = "cpu", se
 
     ``backend`` is ignored (training is torch, float32).
     """
-    from ..training.data import docstring_dataset
-    from ..training.tasks import classification_task
-
     cfg = SCALES[scale]
     rows: list[dict] = []
     # MiniLM steps on one thread: on this project's loaded 2-core CPU a 2-block forward+backward
     # (batch 16) took 0.05-0.14 s with 1 torch thread and 0.3-0.4 s with 2
     with intra_op_threads(1 if str(device) == "cpu" else None):
-        data = docstring_dataset()
-        for s in cfg["seeds"]:
-            s = seed + s
-            model, tok = minilm(cfg["n_layers"])
-            task = classification_task(model.to(device), tok, data, max_length=cfg["max_length"], seed=s)
+        for s, task in docstring_tasks(cfg["n_layers"], cfg["max_length"], cfg["seeds"], device, seed):
             base = dict(seed=s, rank=cfg["rank"], majority_baseline=task.info["majority_baseline"])
             rows.append(dict(variant="probe", lr=0.0, params=0, diverged=False, **base,
                              **linear_probe(task, cfg["probe_wd"])))

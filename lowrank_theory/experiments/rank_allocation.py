@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._minilm import KINDS, minilm, module_kind
+from ._minilm import KINDS, docstring_tasks, module_kind
 from ._plot import plt, save
 from ._probe import linear_probe
 from ._regression import intra_op_threads
@@ -145,19 +145,12 @@ def run(scale: str = "quick", *, backend: str = "numpy", device: str = "cpu", se
     ``budget`` is the method's total-rank budget (SoRA: its initial total, an upper bound only);
     ``events`` the number of rank changes the schedule made.  ``backend`` is ignored (torch, float32).
     """
-    from ..training.data import docstring_dataset
-    from ..training.tasks import classification_task
-
     cfg = SCALES[scale]
     rows: list[dict] = []
     # MiniLM steps on one thread: on this project's loaded 2-core CPU a 2-block forward+backward
     # (batch 16) took 0.05-0.14 s with 1 torch thread and 0.3-0.4 s with 2
     with intra_op_threads(1 if str(device) == "cpu" else None):
-        data = docstring_dataset()
-        for s in cfg["seeds"]:
-            s = seed + s
-            model, tok = minilm(cfg["n_layers"])
-            task = classification_task(model.to(device), tok, data, max_length=cfg["max_length"], seed=s)
+        for s, task in docstring_tasks(cfg["n_layers"], cfg["max_length"], cfg["seeds"], device, seed):
             probe = linear_probe(task, cfg["probe_wd"])
             for method in METHODS:
                 res = _one(method, task, cfg, s, device)
