@@ -15,6 +15,7 @@ Conversions between backends go through DLPack (zero-copy where the devices agre
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from typing import Any
@@ -289,6 +290,31 @@ def lu(A: Any):
     return cupyx.scipy.linalg.lu(A)
 
 
+@functools.lru_cache(maxsize=64)
+def _torch_dct_constants(kind: str, n: int, norm: str, dtype, device) -> tuple:
+    """The per-length constants of :func:`_torch_dct_ii` / :func:`_torch_dct_iii`, built once per
+    (length, norm, dtype, device) instead of on every call (they are a handful of tiny kernels each,
+    and the transforms run per training step).  Read-only; created outside inference mode so that
+    autograd may save them."""
+    import torch
+
+    h = n // 2 + 1
+    with torch.inference_mode(False), torch.no_grad():
+        k = torch.arange(h, device=device, dtype=dtype)
+        if kind == "ii":
+            w = torch.exp(torch.complex(torch.zeros_like(k), -math.pi * k / (2 * n)))
+            scale = torch.full((n,), math.sqrt(2.0 / n) if norm == "ortho" else 2.0, dtype=dtype, device=device)
+            if norm == "ortho":
+                scale[0] = math.sqrt(1.0 / n)
+            return w, scale
+        angle = k * (math.pi / (2 * n))
+        scale = None
+        if norm == "ortho":
+            scale = torch.full((n,), math.sqrt(2.0 * n), dtype=dtype, device=device)
+            scale[0] = math.sqrt(4.0 * n)
+        return torch.cos(angle), torch.sin(angle), scale
+
+
 def _torch_dct_ii(x, axis: int, norm: str):
     r"""Orthonormal/unnormalized DCT-II along ``axis`` via one length-n real FFT (Makhoul 1980).
 
@@ -304,13 +330,9 @@ def _torch_dct_ii(x, axis: int, norm: str):
     n = x.shape[-1]
     h = n // 2 + 1
     v = torch.cat([x[..., ::2], torch.flip(x[..., 1::2], dims=(-1,))], dim=-1)
-    k = torch.arange(h, device=x.device, dtype=x.dtype)
-    w = torch.exp(torch.complex(torch.zeros_like(k), -math.pi * k / (2 * n)))
+    w, scale = _torch_dct_constants("ii", n, norm, x.dtype, x.device)
     P = torch.fft.rfft(v, dim=-1) * w
     y = torch.cat([P.real, -torch.flip(P.imag[..., 1 : n - h + 1], dims=(-1,))], dim=-1)
-    scale = torch.full((n,), math.sqrt(2.0 / n) if norm == "ortho" else 2.0, dtype=x.dtype, device=x.device)
-    if norm == "ortho":
-        scale[0] = math.sqrt(1.0 / n)
     return torch.movedim(y * scale, -1, axis)
 
 
@@ -326,14 +348,11 @@ def _torch_dct_iii(y, axis: int, norm: str):
     y = torch.movedim(y, axis, -1)
     n = y.shape[-1]
     h = n // 2 + 1
-    if norm == "ortho":
-        scale = torch.full((n,), math.sqrt(2.0 * n), dtype=y.dtype, device=y.device)
-        scale[0] = math.sqrt(4.0 * n)
+    c, s, scale = _torch_dct_constants("iii", n, norm, y.dtype, y.device)
+    if scale is not None:
         y = y * scale
     a = y[..., :h]
     b = torch.cat([torch.zeros_like(y[..., :1]), torch.flip(y[..., n - h + 1 :], dims=(-1,))], dim=-1)  # y_{n-k}
-    k = torch.arange(h, device=y.device, dtype=y.dtype) * (math.pi / (2 * n))
-    c, s = torch.cos(k), torch.sin(k)
     V = torch.complex(0.5 * (a * c + b * s), 0.5 * (a * s - b * c))
     v = torch.fft.irfft(V, n=n, dim=-1)
     x = torch.empty_like(v)

@@ -23,16 +23,14 @@ __all__ = ["dct_ii", "idct_iii", "sparse_spectrum_matmul", "wht"]
 
 # ----------------------------------------------------------------------------- transforms
 def _twiddle(g: CostGraph, L: int, eb: float) -> T:
-    """``exp(complex(zeros_like(k), ±π k / 2n))`` for L values of k: arange, zeros_like, mul, div, complex, exp."""
-    k = g.fill("arange", (L,), eb=eb)
-    for name in ("zeros_like", "mul", "div", "complex"):
-        g.launch(name)
-    return g.ew("exp", k, grads="none", out_eb=2 * eb, flops=8.0)
+    """The L complex twiddles: cached per length by ``backend._torch_dct_constants``, so no kernel."""
+    return g.buffer((L,), eb=2 * eb, name="twiddle")
 
 
 def dct_ii(g: CostGraph, x: T) -> T:
     """Orthonormal DCT-II along the last axis of x (R, L), as ``backend._torch_dct_ii``: reorder,
-    one real FFT, the twiddle product on the L/2 + 1 outputs, real and flipped imaginary parts, scale."""
+    one real FFT, the twiddle product on the L/2 + 1 outputs, real and flipped imaginary parts, scale
+    (twiddles and scale are cached constants)."""
     R, L = math.prod(x.shape[:-1]), x.shape[-1]
     h = L // 2 + 1
     x = g.view(x, (R, L))
@@ -43,9 +41,7 @@ def dct_ii(g: CostGraph, x: T) -> T:
     re = g.view(P, (R, h), eb=x.eb, bwd_kernels=1)
     im = g.ew("neg", g.copy("flip", g.view(P, (R, L - h), eb=x.eb, bwd_kernels=2)), grads="linear")
     y = g.cat("cat", [re, im], (R, L))
-    scale = g.fill("full", (L,), eb=x.eb)
-    g.launch("setitem")
-    return g.ew("mul", y, scale)
+    return g.ew("mul", y, g.buffer((L,), eb=x.eb, name="scale"))
 
 
 def idct_iii(g: CostGraph, y: T) -> T:
@@ -54,14 +50,11 @@ def idct_iii(g: CostGraph, y: T) -> T:
     R, L = math.prod(y.shape[:-1]), y.shape[-1]
     h = L // 2 + 1
     eb = y.eb
-    scale = g.fill("full", (L,), eb=eb)
-    g.launch("setitem")
-    y = g.ew("mul", g.view(y, (R, L)), scale)
+    y = g.ew("mul", g.view(y, (R, L)), g.buffer((L,), eb=eb, name="scale"))
     a = g.view(y, (R, h), bwd_kernels=2)
     zeros = g.fill("zeros_like", (R, 1), eb=eb)
     b = g.cat("cat", [zeros, g.copy("flip", g.view(y, (R, h - 1), bwd_kernels=2))], (R, h))
-    k = g.ew("scale", g.fill("arange", (h,), eb=eb), grads="none")
-    c, s = g.ew("cos", k, grads="none", flops=8.0), g.ew("sin", k, grads="none", flops=8.0)
+    c, s = g.buffer((h,), eb=eb, name="cos"), g.buffer((h,), eb=eb, name="sin")  # cached constants
     re = g.ew("scale", g.ew("add", g.ew("mul", a, c), g.ew("mul", b, s), grads="add"), grads="linear")
     im = g.ew("scale", g.ew("sub", g.ew("mul", a, s), g.ew("mul", b, c), grads="sub"), grads="linear")
     V = g.ew("complex", re, im, grads="add", out_eb=2 * eb)
