@@ -23,7 +23,7 @@ from .fused import fusable, lora_linear
 from .lowrank import lora_scale
 from .registry import register
 
-__all__ = ["HUT", "SSF", "DoRA", "lowrank_row_norms"]
+__all__ = ["HUT", "SSF", "DoRA", "lowrank_row_norms", "row_norm_dtype"]
 
 
 def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -42,6 +42,15 @@ def _kaiming_rows(rows: int, d_in: int, seed: int | None) -> torch.Tensor:
 
 
 # ============================================================================= DoRA
+def row_norm_dtype(W0: torch.Tensor, precise: bool = False) -> torch.dtype:
+    """Working dtype of :func:`lowrank_row_norms`: float32 for a bfloat16 ``W0``, else float64.
+
+    float16 gets float64 too: its 11-bit significand leaves float32 a margin of only 4 (proofs/14,
+    item 2).  ``precise`` asks for float64 whatever ``W0`` is (merging).
+    """
+    return torch.float32 if W0.dtype == torch.bfloat16 and not precise else torch.float64
+
+
 def lowrank_row_norms(
     W0: torch.Tensor,
     B: torch.Tensor,
@@ -50,6 +59,7 @@ def lowrank_row_norms(
     *,
     refine_tol: float = 1e-3,
     w0_sq: torch.Tensor | None = None,
+    precise: bool = False,
 ) -> torch.Tensor:
     r"""Row norms :math:`\|W_0 + sBA\|_{i,:}` without forming the m×n product :math:`BA`.
 
@@ -61,16 +71,22 @@ def lowrank_row_norms(
     scale : float
         :math:`s`.
     refine_tol : float
-        Rows whose squared norm is below ``refine_tol`` times :math:`\|w_i\|^2 + s^2\|(BA)_i\|^2`
-        (cancellation) are recomputed densely, one row of :math:`W_0 + sBA` each.
+        Only for a float64 ``W0``: rows whose squared norm is below ``refine_tol`` times
+        :math:`\|w_i\|^2 + s^2\|(BA)_i\|^2` (cancellation) are recomputed densely, one row of
+        :math:`W_0 + sBA` each.  That test reads a device flag (a host sync on CUDA); no other
+        dtype syncs.
     w0_sq : Tensor of shape (m,), optional
-        :math:`\|w_i\|^2` in the accumulation dtype, when the caller already has it (W0 is frozen,
+        :math:`\|w_i\|^2` in :func:`row_norm_dtype`, when the caller already has it (W0 is frozen,
         so DoRA caches it instead of re-reading W0 for it every step).
+    precise : bool
+        Work in float64 even for a half-precision ``W0`` (merging, where no forward rounding
+        hides the norm's error).
 
     Returns
     -------
     Tensor, shape (m,)
-        In the promoted accumulation dtype (float32 or float64); differentiable.
+        In the promoted accumulation dtype of the inputs (float32, or float64 if any input is
+        float64); differentiable.
 
     Notes
     -----
@@ -79,24 +95,47 @@ def lowrank_row_norms(
 
     with :math:`w_i, b_i` the i-th rows of :math:`W_0, B`: cost :math:`O(mnr + nr^2 + mr^2)`
     instead of :math:`O(mnr)` time **and** :math:`O(mn)` memory for the dense product.  The
-    cross term is bounded by the other two (Cauchy-Schwarz, AM-GM), so the relative error of
-    the squared norm is :math:`O(\varepsilon\,(\|w_i\|^2 + s^2\|(BA)_i\|^2)/\|\cdot\|_i^2)`; rows
-    where that ratio exceeds ``1/refine_tol`` are recomputed densely (cost :math:`O(nr)` each),
-    which bounds the relative error by about :math:`\varepsilon/\text{refine\_tol}`.
+    cross term is bounded by the other two, so with unit round-off :math:`u` of the working dtype
+    the squared norm's relative error is :math:`O(u\,\kappa_i)`,
+    :math:`\kappa_i = (\|w_i\|^2 + s^2\|(BA)_i\|^2)/\|\cdot\|_i^2`.  The adapted layer's own output
+    row :math:`(W_0 + sBA)_i x`, computed in W0's dtype (round-off :math:`u_c`), already errs by
+    :math:`O(u_c\sqrt{\kappa_i})`; working in float32 for a bfloat16 W0 and in float64 for a
+    float16 or float32 W0 keeps :math:`u\,\kappa_i` below that for every :math:`\kappa_i` at which
+    the output row has a correct digit (:math:`u \le u_c^2/32`, proofs/14, item 2), so no row is
+    recomputed and no host sync is needed (CUDA graphs, ``torch.compile(fullgraph=True)``).  Only a
+    float64 W0 has no wider type;
+    there the rows with :math:`\kappa_i > 1/\text{refine\_tol}` are recomputed densely (cost
+    :math:`O(nr)` each), which bounds the relative error by about :math:`u/\text{refine\_tol}`.
+    W0 is converted to the working dtype in blocks of rows (at most :data:`_ROW_BLOCK` entries),
+    so the extra memory stays bounded for large layers.
     """
-    acc = _acc_dtype(W0, B, A)
-    W0, B, A = W0.to(acc), B.to(acc), A.to(acc)
-    w2 = (W0 * W0).sum(dim=1) if w0_sq is None else w0_sq.to(acc)
-    cross = ((W0 @ A.T) * B).sum(dim=1)
-    ba2 = ((B @ (A @ A.T)) * B).sum(dim=1)
+    out_dtype = _acc_dtype(W0, B, A)
+    work = row_norm_dtype(W0, precise)
+    Bw, Aw = B.to(work), A.to(work)
+    rows = max(1, _ROW_BLOCK // max(1, W0.shape[1]))
+    cross_parts, w2_parts = [], []
+    for i in range(0, W0.shape[0], rows):
+        Wi = W0[i:i + rows].to(work)  # no copy when W0 already has the working dtype
+        cross_parts.append(((Wi @ Aw.T) * Bw[i:i + rows]).sum(dim=1))
+        if w0_sq is None:
+            w2_parts.append((Wi * Wi).sum(dim=1))
+    cross = torch.cat(cross_parts)
+    w2 = torch.cat(w2_parts) if w0_sq is None else w0_sq.to(work)
+    ba2 = ((Bw @ (Aw @ Aw.T)) * Bw).sum(dim=1)
     sq = w2 + (2.0 * scale) * cross + (scale * scale) * ba2
-    bad = sq < refine_tol * (w2 + (scale * scale) * ba2)
-    if bool(bad.any()):
-        idx = bad.nonzero().squeeze(1)
-        rows = W0.index_select(0, idx) + scale * (B.index_select(0, idx) @ A)
-        sq = sq.index_put((idx,), (rows * rows).sum(dim=1))
+    if W0.dtype == torch.float64 and refine_tol > 0:
+        bad = sq < refine_tol * (w2 + (scale * scale) * ba2)
+        if bool(bad.any()):
+            idx = bad.nonzero().squeeze(1)
+            dense = W0.index_select(0, idx).to(work) + scale * (Bw.index_select(0, idx) @ Aw)
+            sq = sq.index_put((idx,), (dense * dense).sum(dim=1))
     # a root whose derivative is 0 (not inf) at 0, so DoRA's clamp_min(eps) gives finite gradients at zero rows
-    return torch.where(sq > 0, sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt(), torch.zeros_like(sq))
+    nu = torch.where(sq > 0, sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt(), torch.zeros_like(sq))
+    return nu.to(out_dtype)
+
+
+#: entries of W0 converted to the working dtype at a time by :func:`lowrank_row_norms` (32 MiB in float64)
+_ROW_BLOCK = 1 << 22
 
 
 @register
@@ -235,13 +274,18 @@ class DoRA(Adapter):
         return lowrank_row_norms(W0, self.B, self.A, self.scale, w0_sq=self._w0_sq(W0))
 
     def _w0_sq(self, W0: torch.Tensor) -> torch.Tensor | None:
-        r""":math:`\|w_i\|^2` of the frozen W0, cached until W0 changes (in-place writes bump its version)."""
-        if W0.requires_grad:
+        r""":math:`\|w_i\|^2` of the frozen W0, cached until W0 changes (in-place writes bump its version).
+
+        None (recomputed with the cross term, from the same converted blocks of W0) when W0 needs a
+        gradient, and inside ``torch.compile``: a graph cannot guard on a data pointer, and the
+        compiled graph fuses the recomputation into the conversion it does anyway.
+        """
+        if W0.requires_grad or torch.compiler.is_compiling():
             return None
         key = (W0.data_ptr(), W0._version, tuple(W0.shape), W0.dtype, W0.device)
         cached = getattr(self, "_w0_sq_cache", None)
         if cached is None or cached[0] != key:
-            W = W0.detach().to(_acc_dtype(W0, self.B, self.A))
+            W = W0.detach().to(row_norm_dtype(W0))
             cached = (key, (W * W).sum(dim=1))
             self._w0_sq_cache = cached
         return cached[1]
@@ -294,7 +338,7 @@ class DoRA(Adapter):
     def merged_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
         W0 = self._require_base(base_weight)
         self._ensure_magnitude(W0)
-        nu = lowrank_row_norms(W0, self.B, self.A, self.scale).clamp_min(self.eps)
+        nu = lowrank_row_norms(W0, self.B, self.A, self.scale, precise=True).clamp_min(self.eps)
         self._merge_norm = nu
         acc = nu.dtype
         V = W0.to(acc) + self.scale * (self.B.to(acc) @ self.A.to(acc))

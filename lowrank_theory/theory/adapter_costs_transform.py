@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+from ..adapters.multiplicative import _ROW_BLOCK  # lowrank_row_norms' block of W0 rows
 from ..linalg.transforms import _block_bits  # the WHT's split into dense H_64 blocks
 from .adapter_costs import Ctx, _lowrank, _register, _tr, lora_linear
 from .cost_graph import CostGraph, Op, T
@@ -284,26 +285,41 @@ def _dora_setup(c):
     return dict(A=g.param((r, c.n)), B=g.param((c.m, r)), magnitude=g.param((c.m,)))
 
 
-def row_norms(g: CostGraph, W0: T, B: T, A: T, acc: float, *, cached_w0_sq: bool = False) -> T:
+def row_norms(g: CostGraph, W0: T, B: T, A: T, eb: float, *, cached_w0_sq: bool = False) -> T:
     """``lowrank_row_norms``: ‖W0 + sBA‖ per row in O(mnr) without the m×n product.
 
-    ``cached_w0_sq``: ‖w_i‖² comes from DoRA's cache (W0 is frozen), not recomputed per call.
+    ``eb`` is the weights' element size.  The working dtype is float32 for 2-byte weights (taken as
+    bfloat16) and float64 otherwise; W0 is cast to it in blocks of rows; only float64 weights get
+    the dense-refinement test (and its host sync).  ``cached_w0_sq``: ‖w_i‖² comes from DoRA's cache
+    (W0 is frozen), not recomputed per call.
     """
-    m = W0.shape[0]
-    W0, B, A = g.cast(W0, acc), g.cast(B, acc), g.cast(A, acc)
-    w2 = g.buffer((m,), eb=acc) if cached_w0_sq else g.reduce("sum", g.ew("mul", W0, W0), (m,))
-    cross = g.reduce("sum", g.ew("mul", g.mm(W0, _tr(g, A)), B), (m,))
-    ba2 = g.reduce("sum", g.ew("mul", g.mm(B, g.mm(A, _tr(g, A))), B), (m,))
+    m, n = W0.shape
+    r = A.shape[0]
+    work = 4.0 if eb == 2 else 8.0
+    B, A = g.cast(B, work), g.cast(A, work)
+    At = _tr(g, A)
+    rows = max(1, _ROW_BLOCK // max(1, n))
+    cross_parts, w2_parts = [], []
+    for i in range(0, m, rows):
+        h = min(rows, m - i)
+        Wi = g.cast(g.view(W0, (h, n)), work)
+        cross_parts.append(g.reduce("sum", g.ew("mul", g.mm(Wi, At), g.view(B, (h, r))), (h,)))
+        if not cached_w0_sq:
+            w2_parts.append(g.reduce("sum", g.ew("mul", Wi, Wi), (h,)))
+    cross = g.cat("cat", cross_parts, (m,))
+    w2 = g.buffer((m,), eb=work) if cached_w0_sq else g.cat("cat", w2_parts, (m,))
+    ba2 = g.reduce("sum", g.ew("mul", g.mm(B, g.mm(A, At)), B), (m,))
     sq = g.ew("add", g.ew("add", w2, g.ew("scale", cross, grads="linear"), grads="add"),
               g.ew("scale", ba2, grads="linear"), grads="add")
-    ref = g.ew("scale", g.ew("add", w2, g.ew("scale", ba2, grads="linear"), grads="add"), grads="linear")
-    bad = g.ew("lt", sq, ref, grads="none", out_eb=1)
-    g.reduce("any", bad, ())
-    g.launch("host_sync")  # bool(bad.any())
+    if eb == 8:
+        ref = g.ew("scale", g.ew("add", w2, g.ew("scale", ba2, grads="linear"), grads="add"), grads="linear")
+        bad = g.ew("lt", sq, ref, grads="none", out_eb=1)
+        g.reduce("any", bad, ())
+        g.launch("host_sync")  # bool(bad.any())
     # where(sq > 0, sq.clamp_min(tiny).sqrt(), zeros_like(sq)): a root with derivative 0 at 0
     positive = g.ew("gt", sq, grads="none", out_eb=1)
     root = g.ew("sqrt", g.ew("clamp_min", sq, grads="linear"), grads="linear")
-    return g.ew("where", positive, root, g.fill("zeros_like", (m,), eb=sq.eb))
+    return g.cast(g.ew("where", positive, root, g.fill("zeros_like", (m,), eb=sq.eb)), max(eb, 4.0))
 
 
 def _row_scale(c, P, W0):
@@ -311,9 +327,9 @@ def _row_scale(c, P, W0):
     g = c.g
     if c.cfg["detach_norm"]:
         with g.no_grad():
-            nu = row_norms(g, W0, P["B"], P["A"], c.acc, cached_w0_sq=True)
+            nu = row_norms(g, W0, P["B"], P["A"], c.eb, cached_w0_sq=True)
     else:
-        nu = row_norms(g, W0, P["B"], P["A"], c.acc, cached_w0_sq=True)
+        nu = row_norms(g, W0, P["B"], P["A"], c.eb, cached_w0_sq=True)
     return g.ew("div", g.cast(P["magnitude"], nu.eb), g.ew("clamp_min", nu, grads="linear"))
 
 

@@ -94,7 +94,7 @@ def test_library_never_forms_the_m_by_n_product():
 
 def test_negative_control_unrefined_formula_loses_accuracy_under_cancellation():
     """Near-cancelling rows (W0 ≈ −sBA): the expanded formula alone loses ~all digits in float32; the
-    library's refinement recomputes those rows densely and stays accurate."""
+    library evaluates it in float64 for a float32 W0 (item 2) and stays accurate."""
     m, n, r, s = 6, 64, 4, 1.0
     g = torch.Generator().manual_seed(1)
     B, A = torch.randn(m, r, generator=g), torch.randn(r, n, generator=g)
@@ -104,7 +104,65 @@ def test_negative_control_unrefined_formula_loses_accuracy_under_cancellation():
     raw = raw_sq.clamp_min(0).sqrt().numpy()
     lib = lowrank_row_norms(W0, B, A, s).numpy()
     assert np.max(np.abs(raw - exact) / exact) > 0.1  # the textbook identity, evaluated naively: no digits
-    np.testing.assert_allclose(lib, exact, rtol=1e-3)  # float32 after refinement (one dense row each)
+    np.testing.assert_allclose(lib, exact, rtol=1e-3)  # float64 working precision, κ ≈ 4e6: error ≈ 1e-9
+
+
+def _cancelling_rows(dtype, n=512, r=8, s=0.7, seed=0):
+    """W0, B, A in ``dtype`` whose rows v_i = w_i + s(BA)_i cancel to relative size t_i = 1 ... 1e-7
+    (κ_i ≈ 2/t_i² up to 1e14); the exact values are those of the rounded inputs."""
+    g = np.random.default_rng(seed)
+    m = 15
+    B, A = g.standard_normal((m, r)), g.standard_normal((r, n)) / np.sqrt(n)
+    BA = s * B @ A
+    t = np.logspace(0, -7, m)[:, None]
+    W0 = -BA + t * np.linalg.norm(BA, axis=1, keepdims=True) * g.standard_normal((m, n)) / np.sqrt(n)
+    W0_, B_, A_ = (torch.from_numpy(v).to(dtype) for v in (W0, B, A))
+    W0d, Bd, Ad = (v.double().numpy() for v in (W0_, B_, A_))
+    return W0_, B_, A_, s, W0d + s * Bd @ Ad
+
+
+def _output_row_error(W0, B, A, s, V, tokens=64):
+    """Relative error per output row of x W0ᵀ + s(xAᵀ)Bᵀ computed in W0's dtype (as the DoRA layer
+    does) against the exact x Vᵀ."""
+    x = torch.randn(tokens, W0.shape[1], generator=torch.Generator().manual_seed(9)).to(W0.dtype)
+    z = (x @ W0.T + s * ((x @ A.T) @ B.T)).double().numpy()
+    z_exact = x.double().numpy() @ V.T
+    return np.linalg.norm(z - z_exact, axis=0) / np.linalg.norm(z_exact, axis=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_working_precision_error_stays_below_the_layer_output_error(dtype):
+    """Item 2: wherever the layer's output row is not pure round-off (relative error < 1), the row
+    norm's error is below that row's own and the norm is not 0; no dense refinement, no host sync."""
+    W0, B, A, s, V = _cancelling_rows(dtype)
+    exact = np.linalg.norm(V, axis=1)
+    nu = lowrank_row_norms(W0, B, A, s).double().numpy()
+    norm_err = np.abs(nu - exact) / exact
+    out_err = _output_row_error(W0, B, A, s, V)
+    kappa = (np.linalg.norm(W0.double().numpy(), axis=1) ** 2
+             + np.linalg.norm(s * B.double().numpy() @ A.double().numpy(), axis=1) ** 2) / exact**2
+    digits = out_err < 1
+    assert kappa[digits].max() > 1e3 and digits.sum() >= 6  # the sweep reaches strong cancellation
+    assert np.all(norm_err[digits] <= out_err[digits]), (norm_err, out_err)
+    assert np.all(nu[digits] > 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_negative_control_float32_working_precision_is_not_enough_for_float16_or_float32(dtype):
+    """The identity evaluated in float32 for a float16 or float32 W0 (working dtypes the library does
+    not use, u > u_c²/32): at some row whose output still has a digit the norm's error exceeds the
+    output's own, and for float32 the computed norm collapses to 0 there."""
+    W0, B, A, s, V = _cancelling_rows(dtype)
+    W, Bf, Af = W0.float(), B.float(), A.float()
+    exact = np.linalg.norm(V, axis=1)
+    sq = (W * W).sum(1) + 2 * s * ((W @ Af.T) * Bf).sum(1) + s * s * ((Bf @ (Af @ Af.T)) * Bf).sum(1)
+    nu = sq.clamp_min(0).sqrt().double().numpy()
+    norm_err = np.abs(nu - exact) / exact
+    out_err = _output_row_error(W0, B, A, s, V)
+    digits = out_err < 1
+    assert np.any(norm_err[digits] > out_err[digits])
+    if dtype == torch.float32:
+        assert np.any(nu[digits] == 0)
 
 
 def _dora(m, n, r, seed, eps, dtype=torch.float64):
