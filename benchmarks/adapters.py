@@ -100,10 +100,13 @@ def saved_bytes(layer: nn.Module, x: torch.Tensor) -> int:
     return int(sum(seen.values()))
 
 
-def step_fn(layer: nn.Module, x: torch.Tensor, gy: torch.Tensor) -> Callable[[], None]:
+def step_fn(layer: nn.Module, x: torch.Tensor, gy: torch.Tensor, cudagraphs: bool = False) -> Callable[[], None]:
+    """One forward + backward; ``cudagraphs`` marks a new step for ``mode="reduce-overhead"``."""
     params = [p for p in layer.parameters() if p.requires_grad]
 
     def step() -> None:
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         x.grad = None
         for p in params:
             p.grad = None
@@ -123,8 +126,17 @@ def peak_mb(step: Callable[[], None], device: str) -> float | None:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
+def compiled(layer: nn.Module, mode: str | None) -> tuple[nn.Module, bool]:
+    """``torch.compile(layer, mode=mode)`` (eager when ``mode`` is None); True if it uses CUDA graphs."""
+    if mode is None:
+        return layer, False
+    return torch.compile(layer, mode=None if mode == "default" else mode), mode == "reduce-overhead"
+
+
 def run(sizes: list[tuple[int, int]], methods: list[str], device: str, dtype: torch.dtype,
-        repeats: int, compile_ours: bool) -> list[dict]:
+        repeats: int, compile_mode: str | None = None, compile_peft: bool = False) -> list[dict]:
+    """Time base, ours and PEFT per (d, tokens) and method; ``compile_mode`` compiles ours (and
+    PEFT's too with ``compile_peft``)."""
     rows = []
     for d, tokens in sizes:
         torch.manual_seed(0)
@@ -138,10 +150,8 @@ def run(sizes: list[tuple[int, int]], methods: list[str], device: str, dtype: to
             ours_name, cfg, factory, _peer = METHODS[key]
             row = dict(method=key, d=d, tokens=tokens, dtype=str(dtype).split(".")[-1], base_ms=t_base)
             try:
-                ours = build_ours(ours_name, cfg, base)
-                if compile_ours:
-                    ours = torch.compile(ours)
-                s = step_fn(ours, x, gy)
+                ours, graphs = compiled(build_ours(ours_name, cfg, base), compile_mode)
+                s = step_fn(ours, x, gy, graphs)
                 row["ours_ms"] = time_call(s, repeats=repeats, device=device)
                 row["ours_x_base"] = row["ours_ms"] / t_base
                 row["ours_saved_MB"] = saved_bytes(ours, x) / 2**20
@@ -149,8 +159,8 @@ def run(sizes: list[tuple[int, int]], methods: list[str], device: str, dtype: to
             except Exception as exc:  # recorded, not hidden
                 row["ours_error"] = f"{type(exc).__name__}: {exc}"[:200]
             try:
-                pm = build_peft(factory, base)
-                s = step_fn(pm, x, gy)
+                pm, graphs = compiled(build_peft(factory, base), compile_mode if compile_peft else None)
+                s = step_fn(pm, x, gy, graphs)
                 row["peft_ms"] = time_call(s, repeats=repeats, device=device)
                 row["peft_x_base"] = row["peft_ms"] / t_base
                 row["peft_saved_MB"] = saved_bytes(pm, x) / 2**20
@@ -170,12 +180,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--compile", action="store_true", help="torch.compile our layer before timing")
+    p.add_argument("--compile", nargs="?", const="default", default=None,
+                   choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                   help="torch.compile our layer (and PEFT's, with --compile-peft) before timing")
+    p.add_argument("--compile-peft", action="store_true")
     p.add_argument("--out", default=None)
     p.add_argument("--name", default=None)
     args = p.parse_args(argv)
     sizes = [tuple(int(v) for v in s.split(":")) for s in args.sizes]
-    rows = run(sizes, args.methods, args.device, getattr(torch, args.dtype), args.repeats, args.compile)
+    rows = run(sizes, args.methods, args.device, getattr(torch, args.dtype), args.repeats, args.compile,
+               args.compile_peft)
     print_table(rows, ["method", "d", "tokens", "base_ms", "ours_x_base", "peft_x_base", "ours_over_peft",
                        "ours_saved_MB", "peft_saved_MB", "ours_peak_MB", "peft_peak_MB"])
     errs = [r for r in rows if "ours_error" in r or "peft_error" in r]

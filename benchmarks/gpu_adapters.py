@@ -1,7 +1,8 @@
 """GPU benchmark (issue #8): our adapters beside PEFT's and the frozen base, with the device roofline.
 
     python benchmarks/gpu_adapters.py                     # both sizes, bf16, eager
-    python benchmarks/gpu_adapters.py --compile           # also torch.compile'd versions of ours
+    python benchmarks/gpu_adapters.py --compile           # also ours and PEFT's under CUDA graphs
+    python benchmarks/gpu_adapters.py --compile default   # ... or another torch.compile mode
 
 Per layer, forward + backward (dx and the adapter's gradients; the base is frozen), bf16,
 d_in = d_out = 4096 with 8192 tokens (compute-bound) and d = 1024 with 4096 tokens
@@ -77,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=adapter_bench.DEFAULT_METHODS, choices=list(adapter_bench.METHODS))
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--repeats", type=int, default=25)
-    p.add_argument("--compile", action="store_true", help="also time torch.compile'd versions of ours")
+    p.add_argument("--compile", nargs="?", const="reduce-overhead", default=None,
+                   choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                   help="also time ours and PEFT's compiled in this torch.compile mode (bare flag: CUDA graphs)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -89,13 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device {torch.cuda.get_device_name(0)}: matrix peak {roof['matrix_peak_tflops']:.0f} TFLOP/s, "
           f"bandwidth {roof['bandwidth_GBps']:.0f} GB/s")
     sizes = [tuple(int(v) for v in s.split(":")) for s in args.sizes]
-    rows = adapter_bench.run(sizes, args.methods, device, dtype, args.repeats, compile_ours=False)
+    rows = adapter_bench.run(sizes, args.methods, device, dtype, args.repeats)
     if args.compile:
-        comp = adapter_bench.run(sizes, args.methods, device, dtype, args.repeats, compile_ours=True)
+        comp = adapter_bench.run(sizes, args.methods, device, dtype, args.repeats, args.compile, compile_peft=True)
         for r, c in zip(rows, comp):
             r["ours_compiled_x_base"] = c.get("ours_x_base")
-            if "ours_error" in c:
-                r["compile_error"] = c["ours_error"]
+            r["peft_compiled_x_base"] = c.get("peft_x_base")
+            r["ours_compiled_peak_MB"] = c.get("ours_peak_MB")
+            for k in ("ours_error", "peft_error"):
+                if k in c:
+                    r[f"compiled_{k}"] = c[k]
     peak, bw = roof["matrix_peak_tflops"] * 1e12, roof["bandwidth_GBps"] * 1e9
     for r in rows:
         r["floor_x_base"] = 1 + extra_floor_ms(r["method"], r["d"], r["tokens"], peak, bw) / r["base_ms"]
@@ -105,10 +111,11 @@ def main(argv: list[str] | None = None) -> int:
             measured = [v for v in (r.get("ours_x_base"), r.get("ours_compiled_x_base")) if v is not None]
             r["target_met"] = bool(measured) and r["target_x_base"] is not None and min(measured) <= r["target_x_base"]
     cols = ["method", "d", "tokens", "base_ms", "ours_x_base", "ours_compiled_x_base", "peft_x_base",
-            "peft_ref_x_base", "target_x_base", "floor_x_base", "target_met", "ours_peak_MB", "peft_peak_MB"]
+            "peft_compiled_x_base", "peft_ref_x_base", "target_x_base", "floor_x_base", "target_met",
+            "ours_peak_MB", "peft_peak_MB"]
     print_table(rows, cols)
     for r in rows:
-        for k in ("ours_error", "peft_error", "compile_error"):
+        for k in ("ours_error", "peft_error", "compiled_ours_error", "compiled_peft_error"):
             if k in r:
                 print(r["method"], r["d"], k, r[k])
     gpu = torch.cuda.get_device_name(0).replace(" ", "-")
