@@ -113,24 +113,28 @@ def lowrank_row_norms(
     work = row_norm_dtype(W0, precise)
     Bw, Aw = B.to(work), A.to(work)
     rows = max(1, _ROW_BLOCK // max(1, W0.shape[1]))
-    cross_parts, w2_parts = [], []
-    for i in range(0, W0.shape[0], rows):
+    prods, w2_parts = [], []
+    for i in range(0, W0.shape[0], rows):  # one block of W0 in the working dtype at a time
         Wi = W0[i:i + rows].to(work)  # no copy when W0 already has the working dtype
-        cross_parts.append(((Wi @ Aw.T) * Bw[i:i + rows]).sum(dim=1))
+        prods.append(Wi @ Aw.T)
         if w0_sq is None:
             w2_parts.append((Wi * Wi).sum(dim=1))
-    cross = torch.cat(cross_parts)
-    w2 = torch.cat(w2_parts) if w0_sq is None else w0_sq.to(work)
-    ba2 = ((Bw @ (Aw @ Aw.T)) * Bw).sum(dim=1)
-    sq = w2 + (2.0 * scale) * cross + (scale * scale) * ba2
+    W0At = torch.cat(prods) if len(prods) > 1 else prods[0]
+    if w0_sq is None:
+        w2 = torch.cat(w2_parts) if len(w2_parts) > 1 else w2_parts[0]
+    else:
+        w2 = w0_sq.to(work)
+    G = Aw @ Aw.T
+    # 2s·cross + s²·b_iᵀGb_i = s·Σ_k (2 W0Aᵀ + s·BG)_ik B_ik: one addmm, one product, one sum
+    sq = torch.add(w2, (torch.addmm(W0At, Bw, G, beta=2.0, alpha=scale) * Bw).sum(dim=1), alpha=scale)
     if W0.dtype == torch.float64 and refine_tol > 0:
-        bad = sq < refine_tol * (w2 + (scale * scale) * ba2)
+        bad = sq < refine_tol * (w2 + (scale * scale) * ((Bw @ G) * Bw).sum(dim=1))
         if bool(bad.any()):
             idx = bad.nonzero().squeeze(1)
             dense = W0.index_select(0, idx).to(work) + scale * (Bw.index_select(0, idx) @ Aw)
             sq = sq.index_put((idx,), (dense * dense).sum(dim=1))
     # a root whose derivative is 0 (not inf) at 0, so DoRA's clamp_min(eps) gives finite gradients at zero rows
-    nu = torch.where(sq > 0, sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt(), torch.zeros_like(sq))
+    nu = sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt() * (sq > 0)
     return nu.to(out_dtype)
 
 

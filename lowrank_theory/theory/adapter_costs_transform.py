@@ -299,27 +299,41 @@ def row_norms(g: CostGraph, W0: T, B: T, A: T, eb: float, *, cached_w0_sq: bool 
     B, A = g.cast(B, work), g.cast(A, work)
     At = _tr(g, A)
     rows = max(1, _ROW_BLOCK // max(1, n))
-    cross_parts, w2_parts = [], []
+    prods, w2_parts = [], []
     for i in range(0, m, rows):
-        h = min(rows, m - i)
-        Wi = g.cast(g.view(W0, (h, n)), work)
-        cross_parts.append(g.reduce("sum", g.ew("mul", g.mm(Wi, At), g.view(B, (h, r))), (h,)))
+        Wi = g.cast(g.view(W0, (min(rows, m - i), n)), work)
+        prods.append(g.mm(Wi, At))
         if not cached_w0_sq:
-            w2_parts.append(g.reduce("sum", g.ew("mul", Wi, Wi), (h,)))
-    cross = g.cat("cat", cross_parts, (m,))
-    w2 = g.buffer((m,), eb=work) if cached_w0_sq else g.cat("cat", w2_parts, (m,))
-    ba2 = g.reduce("sum", g.ew("mul", g.mm(B, g.mm(A, At)), B), (m,))
-    sq = g.ew("add", g.ew("add", w2, g.ew("scale", cross, grads="linear"), grads="add"),
-              g.ew("scale", ba2, grads="linear"), grads="add")
+            w2_parts.append(g.reduce("sum", g.ew("mul", Wi, Wi), (Wi.shape[0],)))
+    W0At = g.cat("cat", prods, (m, r)) if len(prods) > 1 else prods[0]
+    if cached_w0_sq:
+        w2 = g.buffer((m,), eb=work)
+    else:
+        w2 = g.cat("cat", w2_parts, (m,)) if len(w2_parts) > 1 else w2_parts[0]
+    G = g.mm(A, At)
+    # add(w2, sum(addmm(W0Aᵀ, B, G, beta=2, alpha=s) * B), alpha=s)
+    M = _addmm(g, W0At, B, G)
+    sq = g.ew("add", w2, g.reduce("sum", g.ew("mul", M, B), (m,)), grads="add")
     if eb == 8:
+        ba2 = g.reduce("sum", g.ew("mul", g.mm(B, G), B), (m,))
         ref = g.ew("scale", g.ew("add", w2, g.ew("scale", ba2, grads="linear"), grads="add"), grads="linear")
         bad = g.ew("lt", sq, ref, grads="none", out_eb=1)
         g.reduce("any", bad, ())
         g.launch("host_sync")  # bool(bad.any())
-    # where(sq > 0, sq.clamp_min(tiny).sqrt(), zeros_like(sq)): a root with derivative 0 at 0
+    # sq.clamp_min(tiny).sqrt() * (sq > 0): a root with derivative 0 at 0
     positive = g.ew("gt", sq, grads="none", out_eb=1)
     root = g.ew("sqrt", g.ew("clamp_min", sq, grads="linear"), grads="linear")
-    return g.cast(g.ew("where", positive, root, g.fill("zeros_like", (m,), eb=sq.eb)), max(eb, 4.0))
+    return g.cast(g.ew("mul", root, positive), max(eb, 4.0))
+
+
+def _addmm(g: CostGraph, C: T, B: T, G: T) -> T:
+    """``torch.addmm(C, B, G, beta, alpha)``: one GEMM with C as its accumulator; backward scales
+    the gradient for C and runs one GEMM for each of B and G."""
+    (m, r), k = B.shape, G.shape[1]
+    f, e = 2.0 * m * r * k, C.eb
+    mem = e * (m * r + r * k + 2 * m * k)
+    return g.custom("addmm", [C, B, G], (m, k), [("addmm", f + m * k, mem, f)],
+                    {0: [("mul", m * k, 2 * e * m * k)], 1: [("mm", f, mem, f)], 2: [("mm", f, mem, f)]}, eb=e)
 
 
 def _row_scale(c, P, W0):
