@@ -2,6 +2,7 @@
 
     python benchmarks/adapters.py                          # CPU, d in {256, 1024}, fp32
     python benchmarks/adapters.py --device cuda --dtype bfloat16 --sizes 4096:8192 1024:4096
+    python benchmarks/adapters.py --compile                # also ours and PEFT's torch.compile'd
 
 One frozen ``nn.Linear(d, d)`` and an input ``x`` (tokens × d, ``requires_grad`` as inside a
 network, so the backward computes dx as well as the adapter's gradients).  Each method is
@@ -130,6 +131,9 @@ def compiled(layer: nn.Module, mode: str | None) -> tuple[nn.Module, bool]:
     """``torch.compile(layer, mode=mode)`` (eager when ``mode`` is None); True if it uses CUDA graphs."""
     if mode is None:
         return layer, False
+    # a fresh cache per layer: every AdaptedLinear shares one forward, and past dynamo's recompile
+    # limit (8 by default) a further instance would silently run eagerly
+    torch._dynamo.reset()
     return torch.compile(layer, mode=None if mode == "default" else mode), mode == "reduce-overhead"
 
 
@@ -173,6 +177,23 @@ def run(sizes: list[tuple[int, int]], methods: list[str], device: str, dtype: to
     return rows
 
 
+def run_eager_and_compiled(sizes: list[tuple[int, int]], methods: list[str], device: str, dtype: torch.dtype,
+                           repeats: int, compile_mode: str | None) -> list[dict]:
+    """:func:`run` eagerly and, with ``compile_mode``, again with ours and PEFT's compiled in that
+    mode; the compiled ratios join each eager row as ``*_compiled_*`` columns."""
+    rows = run(sizes, methods, device, dtype, repeats)
+    if compile_mode:
+        comp = run(sizes, methods, device, dtype, repeats, compile_mode, compile_peft=True)
+        for r, c in zip(rows, comp):
+            r["ours_compiled_x_base"] = c.get("ours_x_base")
+            r["peft_compiled_x_base"] = c.get("peft_x_base")
+            r["ours_compiled_peak_MB"] = c.get("ours_peak_MB")
+            for k in ("ours_error", "peft_error"):
+                if k in c:
+                    r[f"compiled_{k}"] = c[k]
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=["256:512", "1024:1024"], help="d:tokens pairs")
@@ -182,19 +203,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--compile", nargs="?", const="default", default=None,
                    choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
-                   help="torch.compile our layer (and PEFT's, with --compile-peft) before timing")
-    p.add_argument("--compile-peft", action="store_true")
+                   help="also time ours and PEFT's compiled in this torch.compile mode")
     p.add_argument("--out", default=None)
     p.add_argument("--name", default=None)
     args = p.parse_args(argv)
     sizes = [tuple(int(v) for v in s.split(":")) for s in args.sizes]
-    rows = run(sizes, args.methods, args.device, getattr(torch, args.dtype), args.repeats, args.compile,
-               args.compile_peft)
+    rows = run_eager_and_compiled(sizes, args.methods, args.device, getattr(torch, args.dtype), args.repeats,
+                                  args.compile)
+    compiled_cols = ["ours_compiled_x_base", "peft_compiled_x_base"] if args.compile else []
     print_table(rows, ["method", "d", "tokens", "base_ms", "ours_x_base", "peft_x_base", "ours_over_peft",
-                       "ours_saved_MB", "peft_saved_MB", "ours_peak_MB", "peft_peak_MB"])
-    errs = [r for r in rows if "ours_error" in r or "peft_error" in r]
-    for r in errs:
-        print(r["method"], r.get("ours_error", ""), r.get("peft_error", ""))
+                       *compiled_cols, "ours_saved_MB", "peft_saved_MB", "ours_peak_MB", "peft_peak_MB"])
+    for r in rows:
+        for k in ("ours_error", "peft_error", "compiled_ours_error", "compiled_peft_error"):
+            if k in r:
+                print(r["method"], r["d"], k, r[k])
     name = args.name or f"adapters_{args.device.split(':')[0]}_{args.dtype}"
     write_json(name, rows, extra={"args": vars(args)}, out_dir=args.out)
     return 0

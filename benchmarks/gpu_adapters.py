@@ -92,16 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device {torch.cuda.get_device_name(0)}: matrix peak {roof['matrix_peak_tflops']:.0f} TFLOP/s, "
           f"bandwidth {roof['bandwidth_GBps']:.0f} GB/s")
     sizes = [tuple(int(v) for v in s.split(":")) for s in args.sizes]
-    rows = adapter_bench.run(sizes, args.methods, device, dtype, args.repeats)
-    if args.compile:
-        comp = adapter_bench.run(sizes, args.methods, device, dtype, args.repeats, args.compile, compile_peft=True)
-        for r, c in zip(rows, comp):
-            r["ours_compiled_x_base"] = c.get("ours_x_base")
-            r["peft_compiled_x_base"] = c.get("peft_x_base")
-            r["ours_compiled_peak_MB"] = c.get("ours_peak_MB")
-            for k in ("ours_error", "peft_error"):
-                if k in c:
-                    r[f"compiled_{k}"] = c[k]
+    rows = adapter_bench.run_eager_and_compiled(sizes, args.methods, device, dtype, args.repeats, args.compile)
     peak, bw = roof["matrix_peak_tflops"] * 1e12, roof["bandwidth_GBps"] * 1e9
     for r in rows:
         r["floor_x_base"] = 1 + extra_floor_ms(r["method"], r["d"], r["tokens"], peak, bw) / r["base_ms"]
