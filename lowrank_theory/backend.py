@@ -33,6 +33,7 @@ __all__ = [
     "cupy_available",
     "dct",
     "device_of",
+    "fake_mode_active",
     "from_numpy_like",
     "idct",
     "is_complex",
@@ -290,12 +291,29 @@ def lu(A: Any):
     return cupyx.scipy.linalg.lu(A)
 
 
-@functools.lru_cache(maxsize=64)
+def fake_mode_active() -> bool:
+    """Whether a ``FakeTensorMode`` is active (a shape-only run): caches must not keep its tensors."""
+    import torch
+
+    if torch.compiler.is_compiling():  # dynamo's own fake tensors never reach a cache: it traces through them
+        return False
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+
+
 def _torch_dct_constants(kind: str, n: int, norm: str, dtype, device) -> tuple:
     """The per-length constants of :func:`_torch_dct_ii` / :func:`_torch_dct_iii`, built once per
     (length, norm, dtype, device) instead of on every call (they are a handful of tiny kernels each,
     and the transforms run per training step).  Read-only; created outside inference mode so that
-    autograd may save them."""
+    autograd may save them.  Under a fake-tensor mode (shape-only runs such as
+    :func:`lowrank_theory.theory.memory.peak_tensor_bytes`) they are built uncached, so no fake tensor
+    is ever cached for a later real call."""
+    if fake_mode_active():
+        return _build_dct_constants.__wrapped__(kind, n, norm, dtype, device)
+    return _build_dct_constants(kind, n, norm, dtype, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _build_dct_constants(kind: str, n: int, norm: str, dtype, device) -> tuple:
     import torch
 
     h = n // 2 + 1

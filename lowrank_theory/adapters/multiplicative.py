@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .. import backend
 from .base import Adapter, check_rank, check_weight
 from .fused import fusable, lora_linear
 from .lowrank import lora_scale
@@ -281,10 +282,11 @@ class DoRA(Adapter):
         r""":math:`\|w_i\|^2` of the frozen W0, cached until W0 changes (in-place writes bump its version).
 
         None (recomputed with the cross term, from the same converted blocks of W0) when W0 needs a
-        gradient, and inside ``torch.compile``: a graph cannot guard on a data pointer, and the
-        compiled graph fuses the recomputation into the conversion it does anyway.
+        gradient, inside ``torch.compile`` (a graph cannot guard on a data pointer, and the compiled
+        graph fuses the recomputation into the conversion it does anyway), and in a shape-only run
+        (a fake tensor must not be cached for later real calls).
         """
-        if W0.requires_grad or torch.compiler.is_compiling():
+        if W0.requires_grad or torch.compiler.is_compiling() or backend.fake_mode_active():
             return None
         key = (W0.data_ptr(), W0._version, tuple(W0.shape), W0.dtype, W0.device)
         cached = getattr(self, "_w0_sq_cache", None)
