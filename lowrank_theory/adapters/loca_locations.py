@@ -472,8 +472,10 @@ class LoCA(SpectralPaths, Adapter):
 
     def _delta(self, values: torch.Tensor) -> torch.Tensor:
         cdt = torch.promote_types(values.dtype, torch.float32)
-        F = dense_spectrum(values.to(cdt), self.locations, (self.d_out, self.d_in))
-        return backend.idct(backend.idct(F, axis=0), axis=1) * self.scale
+        # the scale on the c values, not on the m×n result; no name holds the spectrum, so it is
+        # freed before the second transform runs (one weight-sized tensor fewer at the peak)
+        return backend.idct(backend.idct(
+            dense_spectrum(values.to(cdt) * self.scale, self.locations, (self.d_out, self.d_in)), axis=0), axis=1)
 
     def delta_weight(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
         """Dense :math:`s\\,C_m^\\top F C_n` (inverse DCT along both axes)."""

@@ -14,7 +14,8 @@ token count T.  The *dense* path here pays a per-call cost in the weight size in
   .. math:: \frac{\partial L}{\partial a_i} = \sum_t \hat g_{t k_i}\,\hat x_{t l_i},
 
   :math:`c` dot products of gathered columns -- never :math:`\partial L / \partial \Delta W =
-  \partial y^\top x`, which would cost a third product of the layer's size.
+  \partial y^\top x`, which would cost a third product of the layer's size.  The sum over tokens
+  runs in chunks (:func:`token_chunks`), so its transient memory does not grow with T.
 
 Compared with the base layer alone the dense path adds :math:`O(mn\log(mn))` per call for
 :math:`\Delta W` and :math:`O(T(m\log m + n\log n + c))` in backward; the structured path adds
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 __all__ = ["PATHS", "SpectralDense", "SpectralPaths", "check_path", "gather_columns", "prefers_dense",
-           "spectral_dense_linear"]
+           "spectral_dense_linear", "token_chunks"]
 
 PATHS = ("auto", "structured", "dense")
 
@@ -78,6 +79,21 @@ def prefers_dense(tokens: int, d_out: int, d_in: int, n_frequency: int) -> bool:
     m, n = d_out, d_in
     per_token = m * math.log2(max(m, 2)) + n * math.log2(max(n, 2)) + 2 * n_frequency
     return tokens * per_token >= m * n * (math.log2(max(m * n, 2)) + 1)
+
+
+#: bytes of one token chunk of x or of the output gradient, in float32, that the dense path's backward
+#: transforms at once (the coefficient gradient is a sum over tokens, so chunks add up); 16 MiB
+_CHUNK_BYTES = 1 << 24
+
+
+def token_chunks(tokens: int, width: int) -> list[slice]:
+    """Slices of ``range(tokens)`` whose float32 rows of ``width`` take at most :data:`_CHUNK_BYTES`.
+
+    Bounds the backward's transient memory (transforms, transposes and gathers of a chunk, a few
+    times its size) independently of the token count; at least one slice, empty when ``tokens`` is 0.
+    """
+    rows = max(1, _CHUNK_BYTES // (4 * max(1, width)))
+    return [slice(i, min(i + rows, tokens)) for i in range(0, tokens, rows)] or [slice(0, 0)]
 
 
 class SpectralDense(Protocol):
@@ -119,7 +135,11 @@ class _SpectralDenseLinear(torch.autograd.Function):
         gx = gW = gb = None
         if ctx.needs_input_grad[0]:
             gx = (g2 @ W.to(g2.dtype)).reshape(x.shape).to(x.dtype)
-        ga = ad.coefficient_grad(x2, g2, coefficients, ctx.needs_input_grad[1], ctx.probed)
+        ga = None
+        for rows in token_chunks(x2.shape[0], max(ad.d_in, ad.d_out)):
+            part = ad.coefficient_grad(x2[rows], g2[rows], coefficients, ctx.needs_input_grad[1], ctx.probed)
+            if part is not None:
+                ga = part if ga is None else ga + part
         if ga is not None:
             ga = ga.to(coefficients.dtype)
         if ctx.needs_input_grad[4]:  # a base weight that is not frozen (unusual): its dense gradient

@@ -227,9 +227,10 @@ def _loca_fwd(c, P, x):
 
 def _loca_dw(c, P, W0, cast=True):
     g = c.g
-    F = _dense_spectrum(g, g.cast(P["coefficients"], c.acc), (c.m, c.n))
+    values = g.ew("scale", g.cast(P["coefficients"], c.acc), grads="linear")  # the scale on the c values
+    F = _dense_spectrum(g, values, (c.m, c.n))
     F = g.view(idct_iii(g, g.view(F, (c.n, c.m))), (c.m, c.n))  # along axis 0 (a moved view)
-    dw = g.ew("scale", idct_iii(g, F), grads="linear")
+    dw = idct_iii(g, F)
     return g.cast(dw, c.eb) if cast else dw
 
 

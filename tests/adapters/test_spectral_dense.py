@@ -188,3 +188,24 @@ def test_dense_path_on_cuda(name):
     got = _run(_layer(name, 24, 40, 50, "dense").cuda(), x.cuda(), gy.cuda())
     for a, b in zip(got[:3], ref[:3]):
         assert relerr(a.cpu(), b) < TOL64
+
+
+@pytest.mark.parametrize("name", ["fourierft", "loca"])
+def test_backward_in_token_chunks_equals_one_chunk(name, monkeypatch):
+    """The coefficient gradient (and LoCA's location estimate) is a sum over tokens, taken over
+    chunks of at most ``_CHUNK_BYTES`` of float32 rows so the backward's memory does not grow with
+    T: seven chunks give the one-chunk result (float64 tol; only the order of a sum changes)."""
+    x, gy = torch.randn(2, 13, 40, dtype=torch.float64), torch.randn(2, 13, 24, dtype=torch.float64)
+    loc = name == "loca"
+    one = _run(_layer(name, 24, 40, 50, "dense"), x, gy, learn_locations=loc)
+    monkeypatch.setattr(spectral_dense, "_CHUNK_BYTES", 4 * 40 * 4)  # 4 float32 rows of width 40
+    assert len(spectral_dense.token_chunks(26, 40)) == 7
+    assert spectral_dense.token_chunks(0, 40) == [slice(0, 0)]
+    many = _run(_layer(name, 24, 40, 50, "dense"), x, gy, learn_locations=loc)
+    for a, b in zip(many, one):
+        if b is None:
+            assert a is None
+        else:
+            assert relerr(a, b) < TOL64
+    if loc:
+        assert float(one[3].abs().max()) > 0  # the location estimate was accumulated and compared
