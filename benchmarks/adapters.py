@@ -3,13 +3,15 @@
     python benchmarks/adapters.py                          # CPU, d in {256, 1024}, fp32
     python benchmarks/adapters.py --device cuda --dtype bfloat16 --sizes 4096:8192 1024:4096
     python benchmarks/adapters.py --compile                # also ours and PEFT's torch.compile'd
+    python benchmarks/adapters.py --alloc-only --dtype bfloat16 --sizes 4096:8192 1024:4096   # memory only
 
 One frozen ``nn.Linear(d, d)`` and an input ``x`` (tokens × d, ``requires_grad`` as inside a
 network, so the backward computes dx as well as the adapter's gradients).  Each method is
 timed three ways in the same process: the base layer alone, PEFT's layer, ours
 (``AdaptedLinear``).  Reported: median ms, the ratio of each to the base, ours/PEFT, and
-memory: bytes of tensors saved for backward (device-independent, from
-``torch.autograd.graph.saved_tensors_hooks``) and, on CUDA, the peak allocated during the step.
+memory: bytes of tensors saved for backward (from ``torch.autograd.graph.saved_tensors_hooks``),
+the peak of tensors alive during one step (``alloc``, counted on fake tensors by
+``lowrank_theory.theory.memory``; both device-independent) and, on CUDA, the peak allocated.
 """
 
 from __future__ import annotations
@@ -26,19 +28,13 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import print_table, time_call, write_json
 
-# method -> (our registry name, our cfg, PEFT config factory or None, peer label)
+from lowrank_theory.adapters.peers import PEFT_PEERS
+from lowrank_theory.theory.memory import peak_tensor_bytes
+
+# method -> (our registry name, our cfg, PEFT config factory, peer label)
 METHODS: dict[str, tuple] = {
-    "lora_r16": ("lora", {"rank": 16, "alpha": 16}, lambda P: P.LoraConfig(r=16, lora_alpha=16,
-                                                                             target_modules=["proj"]), "lora"),
-    "dora_r16": ("dora", {"rank": 16, "alpha": 16},
-                 lambda P: P.LoraConfig(r=16, lora_alpha=16, use_dora=True, target_modules=["proj"]), "dora"),
-    "vera_r256": ("vera", {"rank": 256}, lambda P: P.VeraConfig(r=256, target_modules=["proj"]), "vera"),
-    "fourierft_n1000": ("fourierft", {"n_frequency": 1000},
-                        lambda P: P.FourierFTConfig(n_frequency=1000, target_modules=["proj"]), "fourierft"),
-    "loca_n1000": ("loca", {"n_frequency": 1000},
-                   lambda P: P.FourierFTConfig(n_frequency=1000, target_modules=["proj"]), "fourierft"),
-    "randlora_r32": ("randlora", {"rank": 32}, lambda P: P.RandLoraConfig(r=32, target_modules=["proj"]),
-                     "randlora"),
+    key: (name, cfg, lambda P, f=factory: f(P, ["proj"]), peer)
+    for key, (name, cfg, factory, peer) in PEFT_PEERS.items()
 }
 #: Measured by default.  The transform adapters run ``path="auto"`` there (the dense path at these
 #: token counts); the ``*_structured`` entries force the per-token transform path for comparison.
@@ -101,6 +97,18 @@ def saved_bytes(layer: nn.Module, x: torch.Tensor) -> int:
     return int(sum(seen.values()))
 
 
+def alloc_mb(layer: nn.Module, tokens: int, d: int, device: str, dtype: torch.dtype) -> float:
+    """Peak tensor memory of one step of a copy of ``layer`` in MiB: the algorithm's allocations,
+    counted on fake tensors, so the same on every device (:mod:`lowrank_theory.theory.memory`)."""
+    layer = copy.deepcopy(layer)
+
+    def step() -> None:
+        x = torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True)
+        layer(x).backward(torch.randn(tokens, d, device=device, dtype=dtype))
+
+    return peak_tensor_bytes(step) / 2**20
+
+
 def step_fn(layer: nn.Module, x: torch.Tensor, gy: torch.Tensor, cudagraphs: bool = False) -> Callable[[], None]:
     """One forward + backward; ``cudagraphs`` marks a new step for ``mode="reduce-overhead"``."""
     params = [p for p in layer.parameters() if p.requires_grad]
@@ -160,6 +168,8 @@ def run(sizes: list[tuple[int, int]], methods: list[str], device: str, dtype: to
                 row["ours_x_base"] = row["ours_ms"] / t_base
                 row["ours_saved_MB"] = saved_bytes(ours, x) / 2**20
                 row["ours_peak_MB"] = peak_mb(s, device)
+                if compile_mode is None:
+                    row["ours_alloc_MB"] = alloc_mb(ours, tokens, d, device, dtype)
             except Exception as exc:  # recorded, not hidden
                 row["ours_error"] = f"{type(exc).__name__}: {exc}"[:200]
             try:
@@ -169,11 +179,33 @@ def run(sizes: list[tuple[int, int]], methods: list[str], device: str, dtype: to
                 row["peft_x_base"] = row["peft_ms"] / t_base
                 row["peft_saved_MB"] = saved_bytes(pm, x) / 2**20
                 row["peft_peak_MB"] = peak_mb(s, device)
+                if not (compile_mode and compile_peft):
+                    row["peft_alloc_MB"] = alloc_mb(pm, tokens, d, device, dtype)
             except Exception as exc:
                 row["peft_error"] = f"{type(exc).__name__}: {exc}"[:200]
             if "ours_ms" in row and "peft_ms" in row:
                 row["ours_over_peft"] = row["ours_ms"] / row["peft_ms"]
             rows.append(row)
+    return rows
+
+
+def run_alloc(sizes: list[tuple[int, int]], methods: list[str], device: str, dtype: torch.dtype) -> list[dict]:
+    """Only the device-independent peak tensor memory of one step (fake tensors: no arithmetic, so
+    the GPU sizes take seconds on a CPU): base, ours and PEFT's, in MiB."""
+    import peft
+
+    rows = []
+    for d, tokens in sizes:
+        torch.manual_seed(0)
+        base = nn.Linear(d, d).to(device=device, dtype=dtype).requires_grad_(False)
+        base_mb = alloc_mb(base, tokens, d, device, dtype)
+        for key in methods:
+            ours_name, cfg, factory, _peer = METHODS[key]
+            ours = alloc_mb(build_ours(ours_name, cfg, base), tokens, d, device, dtype)
+            theirs = alloc_mb(build_peft(factory, base), tokens, d, device, dtype)
+            rows.append(dict(method=key, d=d, tokens=tokens, dtype=str(dtype).split(".")[-1], base_alloc_MB=base_mb,
+                             ours_alloc_MB=ours, peft_alloc_MB=theirs, ours_over_peft_alloc=ours / theirs,
+                             peft_version=peft.__version__))
     return rows
 
 
@@ -204,15 +236,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", nargs="?", const="default", default=None,
                    choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
                    help="also time ours and PEFT's compiled in this torch.compile mode")
+    p.add_argument("--alloc-only", action="store_true",
+                   help="only the peak tensor memory of a step, on fake tensors (any size, no timing)")
     p.add_argument("--out", default=None)
     p.add_argument("--name", default=None)
     args = p.parse_args(argv)
     sizes = [tuple(int(v) for v in s.split(":")) for s in args.sizes]
+    if args.alloc_only:
+        rows = run_alloc(sizes, args.methods, args.device, getattr(torch, args.dtype))
+        print_table(rows, ["method", "d", "tokens", "base_alloc_MB", "ours_alloc_MB", "peft_alloc_MB",
+                           "ours_over_peft_alloc"])
+        write_json(args.name or f"adapters_alloc_{args.dtype}", rows, extra={"args": vars(args)}, out_dir=args.out)
+        return 0
     rows = run_eager_and_compiled(sizes, args.methods, args.device, getattr(torch, args.dtype), args.repeats,
                                   args.compile)
     compiled_cols = ["ours_compiled_x_base", "peft_compiled_x_base"] if args.compile else []
     print_table(rows, ["method", "d", "tokens", "base_ms", "ours_x_base", "peft_x_base", "ours_over_peft",
-                       *compiled_cols, "ours_saved_MB", "peft_saved_MB", "ours_peak_MB", "peft_peak_MB"])
+                       *compiled_cols, "ours_saved_MB", "peft_saved_MB", "ours_alloc_MB", "peft_alloc_MB",
+                       "ours_peak_MB", "peft_peak_MB"])
     for r in rows:
         for k in ("ours_error", "peft_error", "compiled_ours_error", "compiled_peft_error"):
             if k in r:

@@ -45,6 +45,26 @@ def randomize_(adapter: Adapter, seed: int = 0, scale: float = 0.3) -> Adapter:
     return adapter
 
 
+def adapted_layer(name: str, cfg: dict, d_in: int, d_out: int, device: str = "cpu",
+                  dtype: torch.dtype = torch.float32) -> AdaptedLinear:
+    """A frozen ``nn.Linear(d_in, d_out)`` (seed 0) with adapter ``name`` built for it (from its
+    weight when the method needs one) and moved off its identity init, so a dropped term shows."""
+    torch.manual_seed(0)
+    base = nn.Linear(d_in, d_out).to(device=device, dtype=dtype)
+    base.requires_grad_(False)
+    cls = adapters.get(name)
+    if cls.needs_base and hasattr(cls, "from_weight"):
+        ad = cls.from_weight(base.weight.detach(), **cfg)[0]
+    else:
+        ad = cls(d_out, d_in, **cfg)
+    ad = ad.to(device=device, dtype=dtype)
+    with torch.no_grad():
+        for p in ad.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    return AdaptedLinear(base, ad)
+
+
 def make_base(d_out: int, d_in: int, dtype=torch.float64, seed: int = 0) -> nn.Linear:
     torch.manual_seed(seed)
     lin = nn.Linear(d_in, d_out, bias=True).to(dtype)

@@ -16,9 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowrank_theory import adapters
-from lowrank_theory.adapters.layer import AdaptedLinear
-from tests.adapters.contract import relerr
+from tests.adapters.contract import adapted_layer, relerr
 
 CUDA = torch.cuda.is_available()
 #: (registry name, config) for each method issue #8 measures, both paths of the transform adapters
@@ -36,20 +34,7 @@ IDS = [f"{n}-{c.get('path', 'default')}" for n, c in CASES]
 
 
 def _layer(name: str, cfg: dict, device: str = "cpu", dtype: torch.dtype = torch.float32, d_in=40, d_out=24):
-    torch.manual_seed(0)
-    base = torch.nn.Linear(d_in, d_out).to(device=device, dtype=dtype)
-    base.requires_grad_(False)
-    cls = adapters.get(name)
-    if cls.needs_base and hasattr(cls, "from_weight"):
-        ad = cls.from_weight(base.weight.detach(), **cfg)[0]
-    else:
-        ad = cls(d_out, d_in, **cfg)
-    ad = ad.to(device=device, dtype=dtype)
-    with torch.no_grad():  # away from the identity init, so a dropped term shows
-        for p in ad.parameters():
-            if p.requires_grad:
-                p.add_(0.1 * torch.randn_like(p))
-    return AdaptedLinear(base, ad)
+    return adapted_layer(name, cfg, d_in, d_out, device, dtype)
 
 
 def _step(layer, x, gy):
