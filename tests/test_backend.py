@@ -254,11 +254,11 @@ def test_info_reports_versions():
 def test_torch_dct_constants_are_cached_and_safe_for_autograd():
     """The DCT's per-length constants are built once; built under inference mode they still serve a
     later autograd pass (an inference tensor saved for backward would raise)."""
-    B._torch_dct_constants.cache_clear()
+    B._build_dct_constants.cache_clear()
     with torch.inference_mode():
         B.idct(B.dct(torch.randn(3, 10), axis=-1), axis=-1)
     x = torch.randn(3, 10, requires_grad=True)
     B.idct(B.dct(x, axis=-1), axis=-1).sum().backward()
     torch.testing.assert_close(x.grad, torch.ones_like(x))  # idct ∘ dct = I, so its gradient is 1
-    info = B._torch_dct_constants.cache_info()
+    info = B._build_dct_constants.cache_info()
     assert info.misses == 2 and info.hits == 2  # one build per kind, reused by the second pass
