@@ -104,9 +104,9 @@ def lowrank_row_norms(
     float16 or float32 W0 keeps :math:`u\,\kappa_i` below that for every :math:`\kappa_i` at which
     the output row has a correct digit (:math:`u \le u_c^2/32`, proofs/14, item 2), so no row is
     recomputed and no host sync is needed (CUDA graphs, ``torch.compile(fullgraph=True)``).  Only a
-    float64 W0 has no wider type;
-    there the rows with :math:`\kappa_i > 1/\text{refine\_tol}` are recomputed densely (cost
-    :math:`O(nr)` each), which bounds the relative error by about :math:`u/\text{refine\_tol}`.
+    float64 W0 has no wider type; there the rows with :math:`\kappa_i > 1/\text{refine\_tol}` are
+    recomputed densely (cost :math:`O(nr)` each), which bounds the relative error by about
+    :math:`u/\text{refine\_tol}`.
     W0 is converted to the working dtype in blocks of rows (at most :data:`_ROW_BLOCK` entries),
     so the extra memory stays bounded for large layers.
     """
@@ -115,7 +115,7 @@ def lowrank_row_norms(
     Bw, Aw = B.to(work), A.to(work)
     rows = max(1, _ROW_BLOCK // max(1, W0.shape[1]))
     prods, w2_parts = [], []
-    for i in range(0, W0.shape[0], rows):  # one block of W0 in the working dtype at a time
+    for i in range(0, max(W0.shape[0], 1), rows):  # one block of W0 in the working dtype at a time (>= 1)
         Wi = W0[i:i + rows].to(work)  # no copy when W0 already has the working dtype
         prods.append(Wi @ Aw.T)
         if w0_sq is None:
