@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-from ..adapters.multiplicative import _ROW_BLOCK  # lowrank_row_norms' block of W0 rows
+from ..adapters.row_norms import _ROW_BLOCK  # lowrank_row_norms' block of W0 rows
 from ..linalg.transforms import _block_bits  # the WHT's split into dense H_64 blocks
 from .adapter_costs import Ctx, _lowrank, _register, _tr, lora_linear
 from .cost_graph import CostGraph, Op, T

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lowrank_theory import adapters
-from lowrank_theory.adapters import AdaptedLinear, multiplicative
+from lowrank_theory.adapters import AdaptedLinear, row_norms
 from lowrank_theory.adapters.multiplicative import HUT, SSF, DoRA, lowrank_row_norms
 from tests.adapters.contract import AdapterContract, make_base, randomize_, relerr
 from tests.conftest import tol
@@ -153,7 +153,7 @@ def test_lowrank_row_norms_in_blocks_of_rows_equal_one_block(dtype, monkeypatch)
     W0, B, A = (torch.randn(sh, generator=g).to(dtype) for sh in ((37, 11), (37, 3), (3, 11)))
     ref = torch.linalg.vector_norm(W0.double() + 0.7 * B.double() @ A.double(), dim=1)
     one = lowrank_row_norms(W0, B, A, 0.7)
-    monkeypatch.setattr(multiplicative, "_ROW_BLOCK", 44)  # 4 rows of 11 per block: 10 blocks
+    monkeypatch.setattr(row_norms, "_ROW_BLOCK", 44)  # 4 rows of 11 per block: 10 blocks
     many = lowrank_row_norms(W0, B, A, 0.7)
     assert torch.equal(many, one)
     torch.testing.assert_close(one.double(), ref, **tol(one.dtype))
