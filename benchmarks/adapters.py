@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import print_table, time_call, write_json
 
 from lowrank_theory.adapters.peers import PEFT_PEERS
-from lowrank_theory.theory.memory import peak_tensor_bytes
+from lowrank_theory.theory.memory import step_peak_bytes
 
 # method -> (our registry name, our cfg, PEFT config factory, peer label)
 METHODS: dict[str, tuple] = {
@@ -100,13 +100,7 @@ def saved_bytes(layer: nn.Module, x: torch.Tensor) -> int:
 def alloc_mb(layer: nn.Module, tokens: int, d: int, device: str, dtype: torch.dtype) -> float:
     """Peak tensor memory of one step of a copy of ``layer`` in MiB: the algorithm's allocations,
     counted on fake tensors, so the same on every device (:mod:`lowrank_theory.theory.memory`)."""
-    layer = copy.deepcopy(layer)
-
-    def step() -> None:
-        x = torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True)
-        layer(x).backward(torch.randn(tokens, d, device=device, dtype=dtype))
-
-    return peak_tensor_bytes(step) / 2**20
+    return step_peak_bytes(copy.deepcopy(layer), tokens, d, dtype=dtype, device=device) / 2**20
 
 
 def step_fn(layer: nn.Module, x: torch.Tensor, gy: torch.Tensor, cudagraphs: bool = False) -> Callable[[], None]:

@@ -28,7 +28,7 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["PeakTracker", "peak_tensor_bytes"]
+__all__ = ["PeakTracker", "peak_tensor_bytes", "step_peak_bytes"]
 
 
 class PeakTracker(TorchDispatchMode):
@@ -97,3 +97,18 @@ def peak_tensor_bytes(fn: Callable[[], Any], *, fake: bool = True) -> int:
         with PeakTracker() as tracker:
             fn()
     return int(tracker.peak)
+
+
+def step_peak_bytes(layer: torch.nn.Module, tokens: int, d_in: int, *, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu", fake: bool = True) -> int:
+    """:func:`peak_tensor_bytes` of one training step of ``layer``: forward of a (tokens, d_in) input
+    that requires grad (so dx is computed, as inside a network), backward of a random output
+    gradient.  Both tensors are made inside the count.  Gradients it leaves on the layer's
+    parameters are fake with ``fake``: measure a copy, or set them to None afterwards."""
+
+    def step() -> None:
+        y = layer(torch.randn(tokens, d_in, dtype=dtype, device=device, requires_grad=True))
+        y.backward(torch.randn_like(y))
+
+    return peak_tensor_bytes(step, fake=fake)
+

@@ -33,10 +33,6 @@ CASES = [
 IDS = [f"{n}-{c.get('path', 'default')}" for n, c in CASES]
 
 
-def _layer(name: str, cfg: dict, device: str = "cpu", dtype: torch.dtype = torch.float32, d_in=40, d_out=24):
-    return adapted_layer(name, cfg, d_in, d_out, device, dtype)
-
-
 def _step(layer, x, gy):
     x = x.detach().clone().requires_grad_(True)
     params = [p for p in layer.parameters() if p.requires_grad]
@@ -50,7 +46,7 @@ def _step(layer, x, gy):
 @pytest.mark.parametrize(("name", "cfg"), CASES, ids=IDS)
 def test_step_compiles_to_one_graph_and_matches_eager(name, cfg):
     x, gy = torch.randn(2, 5, 40), torch.randn(2, 5, 24)
-    layer = _layer(name, cfg)
+    layer = adapted_layer(name, cfg, 40, 24)
     ref = _step(layer, x, gy)
     torch._dynamo.reset()
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
@@ -84,7 +80,7 @@ def test_negative_control_a_host_read_breaks_the_graph():
 @pytest.mark.parametrize(("name", "cfg"), CASES, ids=IDS)
 def test_eager_cuda_step_has_no_host_sync(name, cfg):
     """bf16 step on CUDA under ``set_sync_debug_mode("error")``: any synchronizing call raises."""
-    layer = _layer(name, cfg, "cuda", torch.bfloat16, d_in=256, d_out=128)
+    layer = adapted_layer(name, cfg, 256, 128, "cuda", torch.bfloat16)
     x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
     gy = torch.randn(64, 128, device="cuda", dtype=torch.bfloat16)
     _step(layer, x, gy)  # warm-up: caches (W0's row norms, DCT twiddles) are built here
@@ -103,7 +99,7 @@ def test_eager_cuda_step_has_no_host_sync(name, cfg):
 def test_cuda_graph_mode_matches_eager(name, cfg):
     """``torch.compile(mode="reduce-overhead")`` (CUDA graphs) gives the eager step, float32, 1e-4
     relative (inductor's fused kernels reorder float32 sums; TF32 is off by default for matmuls)."""
-    layer = _layer(name, cfg, "cuda", d_in=256, d_out=128)
+    layer = adapted_layer(name, cfg, 256, 128, "cuda")
     x = torch.randn(64, 256, device="cuda")
     gy = torch.randn(64, 128, device="cuda")
     ref = _step(layer, x, gy)

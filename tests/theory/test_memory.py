@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lowrank_theory.adapters.peers import PEFT_PEERS
-from lowrank_theory.theory.memory import peak_tensor_bytes
+from lowrank_theory.theory.memory import peak_tensor_bytes, step_peak_bytes
 from tests.adapters.contract import adapted_layer
 
 MiB = 1 << 20
@@ -56,14 +56,10 @@ def test_fake_count_equals_the_real_count_for_a_training_step(name):
     cfg = {"n_frequency": 30, "path": "dense"} if name == "fourierft" else {"rank": 4}
     layer = adapted_layer(name, cfg, 48, 32)
 
-    def step():
-        x = torch.randn(64, 48, requires_grad=True)
-        layer(x).backward(torch.randn(64, 32))
-
-    step()  # steady state: caches a first call builds (DoRA's ‖W0‖² per row) exist before counting
-    real = peak_tensor_bytes(step, fake=False)
+    step_peak_bytes(layer, 64, 48, fake=False)  # steady state: caches a first call builds (DoRA's ‖W0‖² per row)
+    real = step_peak_bytes(layer, 64, 48, fake=False)
     assert real > 64 * 48 * 4  # at least x's gradient
-    assert peak_tensor_bytes(step) == real
+    assert step_peak_bytes(layer, 64, 48) == real
     for p in layer.parameters():
         p.grad = None
 
@@ -79,14 +75,6 @@ class _One(nn.Module):
         return self.proj(x)
 
 
-def _step_peak(layer: nn.Module) -> int:
-    def step():
-        x = torch.randn(TOKENS, D, dtype=torch.bfloat16, requires_grad=True)
-        layer(x).backward(torch.randn(TOKENS, D, dtype=torch.bfloat16))
-
-    return peak_tensor_bytes(step)
-
-
 @pytest.mark.parametrize("method", list(PEFT_PEERS))
 def test_peak_memory_is_no_higher_than_peft_at_the_issue_size(method):
     """LoCA's peer is PEFT's FourierFT (PEFT has no LoCA)."""
@@ -94,7 +82,7 @@ def test_peak_memory_is_no_higher_than_peft_at_the_issue_size(method):
     name, cfg, peft_cfg, _ = PEFT_PEERS[method]
     ours = adapted_layer(name, cfg, D, D, dtype=torch.bfloat16)
     theirs = peft.get_peft_model(_One(copy.deepcopy(ours.base)), peft_cfg(peft, ["proj"])).to(torch.bfloat16)
-    mine, peers = _step_peak(ours), _step_peak(theirs)
+    mine, peers = (step_peak_bytes(m, TOKENS, D, dtype=torch.bfloat16) for m in (ours, theirs))
     assert 0 < mine <= peers, (method, mine / MiB, peers / MiB)
 
 
@@ -106,10 +94,7 @@ def test_a_fake_run_leaves_no_fake_tensor_in_a_cache(name):
     cfg = {"rank": 3} if name == "dora" else {"n_frequency": 20, "path": "dense"}
     layer = adapted_layer(name, cfg, 52, 36)
 
-    def step():
-        layer(torch.randn(5, 52, requires_grad=True)).backward(torch.randn(5, 36))
-
-    assert peak_tensor_bytes(step) > 0
+    assert step_peak_bytes(layer, 5, 52) > 0
     for p in layer.parameters():
         p.grad = None  # gradients accumulated by the fake run are fake (documented)
     y = layer(torch.ones(5, 52))
