@@ -134,7 +134,7 @@ def first_update_gradients(model: nn.Module, task, n_samples: int, batch_size: i
 def _inject(model: nn.Module, task, variant: str, cfg: dict, seed: int, grads: dict | None,
             init_lr: float) -> tuple[nn.Module, list[dict]]:
     """A copy of ``model`` with ``variant``'s adapters on the task's targets; init rows for LoRA-SB."""
-    from ..training.inject import inject, prepare
+    from ..training.injection import inject, prepare
 
     model = copy.deepcopy(model)
     W = model.get_submodule(task.targets[0]).weight
@@ -281,7 +281,7 @@ def run(scale: str = "quick", *, backend: str = "numpy", device: str = "cpu", se
 
 
 def _rank_of(model: nn.Module) -> int:
-    from ..training.inject import adapted_layers
+    from ..training.injection import adapted_layers
 
     return int(next(iter(adapted_layers(model).values())).adapter.rank)
 

@@ -84,7 +84,7 @@ def _targets(task, suffixes: list[str]) -> list[str]:
 
 def _inject(model: nn.Module, variant: str, targets: list[str], rank: int, seed: int) -> str:
     """Put ``variant``'s adapters into ``model``; return the optimizer rule."""
-    from ..training.inject import inject
+    from ..training.injection import inject
 
     kw = dict(rank=rank, layer_seeds=True, seed=seed)
     if variant in ("lora", "lora_plus"):

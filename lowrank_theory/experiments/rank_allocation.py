@@ -84,7 +84,7 @@ def increlora_interval(steps: int, warmup: int, to_add: int) -> int:
 
 def _schedule(method: str, model: nn.Module, targets: list[str], cfg: dict, seed: int):
     """Inject ``method``'s adapters into ``targets``; return its schedule and its total-rank budget."""
-    from ..training.inject import inject
+    from ..training.injection import inject
     from ..training.schedules import AdaLoRASchedule, IncreLoRASchedule, SoRASchedule
 
     T, r0 = cfg["steps"], cfg["r0"]

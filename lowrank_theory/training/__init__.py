@@ -1,6 +1,6 @@
 """Training side: adapters inside real models, training rules, rank schedules, a trainer, data and tasks.
 
-* :mod:`~lowrank_theory.training.inject` -- :func:`inject` (targets by name, suffix, regex or
+* :mod:`~lowrank_theory.training.injection` -- :func:`inject` (targets by name, suffix, regex or
   ``"all-linear"``), :func:`merge`, :func:`unmerge`, :func:`disable`, :func:`summary`,
   :func:`unwrap_model` (DDP / ``accelerate`` / ``torch.compile`` wrappers), ...
 * :mod:`~lowrank_theory.training.checkpoint` -- :func:`save_adapters` / :func:`load_adapters`
@@ -36,7 +36,7 @@ from .data import (
     tiny_gpt2,
 )
 from .increlora import IncreLoRASchedule, grow_adalora
-from .inject import (
+from .injection import (
     adapted_layers,
     disable,
     find_targets,

@@ -9,7 +9,7 @@ A checkpoint is a directory with two files:
   seeds in the config.  A tensor shared by several layers (Uni-LoRA's one vector) is stored once
   and the other names are listed as aliases.
 * ``adapter_config.json`` -- the format version, the library version, the injection records
-  (method, cfg, targets, exclude, layer names; see :func:`~lowrank_theory.training.inject.inject`),
+  (method, cfg, targets, exclude, layer names; see :func:`~lowrank_theory.training.injection.inject`),
   and per layer the method, ``(d_out, d_in)``, the base type, the adapter's ``config()`` and its
   seeds.
 
@@ -34,7 +34,7 @@ from torch import nn
 
 from .. import __version__
 from ..adapters import Adapter
-from .inject import CONFIG_ATTR, InjectionPlan, adapted_layers, prepare, to_json, unwrap_model
+from .injection import CONFIG_ATTR, InjectionPlan, adapted_layers, prepare, to_json, unwrap_model
 
 __all__ = ["CONFIG_NAME", "FORMAT", "WEIGHTS_NAME", "adapter_state", "load_adapters", "save_adapters"]
 
@@ -122,7 +122,7 @@ def save_adapters(model: nn.Module, path: str | os.PathLike) -> Path:
     Parameters
     ----------
     model : nn.Module
-        A model with adapted layers (see :func:`~lowrank_theory.training.inject.inject`).
+        A model with adapted layers (see :func:`~lowrank_theory.training.injection.inject`).
     path : str or PathLike
         Directory; ``adapters.safetensors`` and ``adapter_config.json`` are (over)written in it.
 

@@ -105,7 +105,7 @@ def run_one(method: str, args: argparse.Namespace, out_dir: Path) -> dict[str, A
     """Train ``method`` on ``args.task`` with the settings in ``args``; return the summary row."""
     import torch
 
-    from .inject import inject
+    from .injection import inject
     from .schedules import make_schedule
     from .tasks import make_task
     from .trainer import TrainConfig, Trainer

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..adapters.lowrank import LoRA
-from .inject import adapted_layers
+from .injection import adapted_layers
 
 __all__ = [
     "RULES",

@@ -38,7 +38,7 @@ from torch import nn
 
 from ..adapters import Adapter
 from .checkpoint import read_json, read_safetensors
-from .inject import InjectionPlan, adapted_layers, find_targets, prepare
+from .injection import InjectionPlan, adapted_layers, find_targets, prepare
 
 __all__ = ["PEFT_CONFIG_NAME", "PEFT_WEIGHTS_NAME", "export_peft", "import_peft"]
 

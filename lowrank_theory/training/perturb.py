@@ -48,7 +48,7 @@ from torch import nn
 
 from ..adapters import AdaptedLinear
 from ..linalg.random import derive_seed
-from .inject import adapted_layers
+from .injection import adapted_layers
 from .optim import _check_model_has_lora
 
 __all__ = ["GGPO", "merged_row_norms", "step_row_norms"]

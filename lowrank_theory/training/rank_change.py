@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..adapters import AdaptedLinear
-from .inject import adapted_layers
+from .injection import adapted_layers
 
 __all__ = ["ParamRemap", "RankChange", "RankSchedule", "remap_optimizer"]
 

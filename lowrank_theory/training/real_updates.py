@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .data import docstring_dataset, load_model
-from .inject import adapted_layers, inject
+from .injection import adapted_layers, inject
 from .tasks import Task, classification_task
 
 __all__ = ["DEFAULT_LAYERS", "GradientTrace", "real_finetune_delta", "real_layer_gradients"]

@@ -64,7 +64,7 @@ from ..adapters.lowrank import LoRA
 from ..adapters.squeeze import squeeze_lora, squeeze_schedule
 from ..linalg.random import derive_seed
 from .increlora import IncreLoRASchedule, grow_adalora
-from .inject import adapted_layers
+from .injection import adapted_layers
 from .rank_change import ParamRemap, RankChange, RankSchedule, _check_int, _check_pos, remap_optimizer
 
 __all__ = [

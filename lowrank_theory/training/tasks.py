@@ -41,7 +41,7 @@ from .data import (
     load_text_dataset,
     stdlib_sentences,
 )
-from .inject import adapted_layers, find_targets
+from .injection import adapted_layers, find_targets
 
 __all__ = [
     "PLANTED_KINDS",

@@ -55,7 +55,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .checkpoint import load_adapters, read_json, read_safetensors, save_adapters
-from .inject import adapted_layers
+from .injection import adapted_layers
 from .optim import make_optimizer
 from .train_config import (
     TrainConfig,

@@ -48,7 +48,7 @@ def test_rows_cover_every_module_once(rows):
 
 def test_sora_init_only_control_matches_a_direct_simulation():
     model, _ = _minilm.minilm(1)
-    from lowrank_theory.training.inject import inject
+    from lowrank_theory.training.injection import inject
     from lowrank_theory.training.schedules import SoRASchedule
 
     inject(model, "sora", ["attention.self.query", "intermediate.dense"], rank=16, layer_seeds=True, seed=4)

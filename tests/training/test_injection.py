@@ -32,7 +32,7 @@ from lowrank_theory.training import (
     trainable_parameters,
     unmerge,
 )
-from lowrank_theory.training.inject import CONFIG_ATTR, prepare
+from lowrank_theory.training.injection import CONFIG_ATTR, prepare
 from tests.conftest import tol
 from tests.training import (
     assert_unchanged,
