@@ -110,7 +110,18 @@ def ldu(A: Any) -> LDUResult:
     zero_f = xp.astype(zero, D.dtype)
     U = Ut / xp.where(zero, ones, D)[:, None]
     U = U + xp.eye(k, A.shape[1], dtype=A.dtype, device=device_of(A)) * zero_f[:, None]
+    _check_finite_factors(xp, A, L, D, U)
     return LDUResult(P, L, D, U)
+
+
+def _check_finite_factors(xp, A: Any, L: Any, D: Any, U: Any) -> None:
+    """Refuse factors that overflowed (a pivot tiny next to its row: ``U = Ũ / D`` leaves the dtype's range)."""
+    for name, F in (("L", L), ("D", D), ("U", U)):
+        if not bool(xp.all(xp.isfinite(F))):
+            raise ValueError(
+                f"A's LDU factor {name} is not finite in {A.dtype}: a pivot is too small next to the entries it "
+                "divides (|U_ij| = |Ũ_ij / D_i| overflows); rescale A or factor it in float64"
+            )
 
 
 def ldu_nopivot(A: Any) -> LDUResult:
@@ -207,4 +218,5 @@ def ldu_nopivot(A: Any) -> LDUResult:
     U = xp.stack(u_rows, axis=0)
     D = xp.stack(pivots)
     P = xp.eye(m, dtype=A.dtype, device=dev)
+    _check_finite_factors(xp, A, L, D, U)
     return LDUResult(P, L, D, U)

@@ -386,6 +386,8 @@ def complement_projector(U: Any, *, atol: float | None = None) -> ComplementProj
     if atol is None:
         eps = float(np.finfo(np.float32 if str(U.dtype).endswith("float32") else np.float64).eps)
         atol = 10.0 * math.sqrt(eps)
+    elif isinstance(atol, bool) or not isinstance(atol, numbers.Real) or not (math.isfinite(atol) and atol >= 0):
+        raise ValueError(f"atol must be a finite real >= 0 or None, got {atol!r}")
     gram = U.T @ U - xp.eye(k, dtype=U.dtype, device=device_of(U))
     err = float(xp.max(xp.abs(gram)))
     if err > atol:

@@ -87,7 +87,12 @@ def _balanced_factors(xp, U, S, Vh):
 
 
 def _fro(xp, X) -> float:
-    return float(xp.linalg.vector_norm(X))
+    """:math:`\\|X\\|_F = s\\,\\|X/s\\|_F` with :math:`s = \\max|X_{ij}|`: no square overflows or underflows,
+    so the diagnostic is accurate for entries near 1e±30 in float32 too (returned as a Python float)."""
+    if math.prod(X.shape) == 0:
+        return 0.0
+    s = float(xp.max(xp.abs(X)))
+    return s * float(xp.linalg.vector_norm(X / s)) if s > 0 else 0.0
 
 
 # ----------------------------------------------------------------------------- sparse + low-rank
@@ -324,7 +329,10 @@ def nf4_codebook(like: Any = None):
     quantized LLMs", arXiv:2305.14314.
     """
     c = _nf4_codebook_np()
-    return c if like is None else from_numpy_like(c, like)
+    if like is None:
+        return c
+    check_float_array(like, "like")  # an integer ``like`` would round the levels to -1, 0, 1
+    return from_numpy_like(c, like)
 
 
 def quantize_nf4(W: Any, *, block_size: int = 64):

@@ -496,12 +496,14 @@ def hooi(
     threshold = max(float(tol), 16 * eps)
 
     factors = _init_factors(T, ranks, init, seed)
-    norm2 = float(xp.sum(T * T))
+    # the error diagnostics on T / max|T|: squares of entries near 1e±30 would overflow or underflow
+    scale = float(xp.max(xp.abs(T))) if math.prod(T.shape) else 0.0
+    norm2 = float(xp.sum((T / scale) ** 2)) if scale > 0 else 0.0
 
     def rel_error(G) -> float:
         if norm2 == 0.0:
             return 0.0
-        return math.sqrt(max(1.0 - float(xp.sum(G * G)) / norm2, 0.0))
+        return math.sqrt(max(1.0 - float(xp.sum((G / scale) ** 2)) / norm2, 0.0))
 
     G = _core(xp, T, factors)
     errors = [rel_error(G)]
