@@ -21,8 +21,13 @@ import torch
 from torch import nn
 
 from .base import Adapter, check_weight
-from .lowrank import LoRA, _check_dropout, _generator, _kaiming_rows
+from .lowrank import LORA_PARAMS, LoRA, _check_dropout, _generator, _kaiming_rows
+from .params import Choice, Int, schema
 from .registry import register
+
+#: AdaLoRA's and SoRA's keywords: LoRA's without rsLoRA, and a rank that may be 0 after pruning.
+_ADAPTIVE_PARAMS = schema(LORA_PARAMS, without=["rslora"],
+                    rank=Int(0, doc="r, 0 <= r <= min(d_out, d_in) (0 after every triplet was pruned)"))
 
 __all__ = [
     "AdaLoRA",
@@ -36,9 +41,7 @@ __all__ = [
 
 
 def _check_rank0(rank: int, d_out: int, d_in: int) -> int:
-    """``0 <= rank <= min(d_out, d_in)``: a pruned adapter may keep no triplet at all."""
-    if isinstance(rank, bool) or not isinstance(rank, int):
-        raise TypeError(f"rank must be an int, got {type(rank).__name__}")
+    """``0 <= rank <= min(d_out, d_in)``: a pruned adapter may keep no triplet at all (type checked by ``params``)."""
     if not 0 <= rank <= min(d_out, d_in):
         raise ValueError(f"rank must satisfy 0 <= rank <= {min(d_out, d_in)} for a {d_out}x{d_in} weight, got {rank}")
     return rank
@@ -111,6 +114,7 @@ class AdaLoRA(Adapter):
     """
 
     name = "adalora"
+    params = _ADAPTIVE_PARAMS
 
     def __init__(
         self,
@@ -119,13 +123,12 @@ class AdaLoRA(Adapter):
         rank: int = 8,
         alpha: float | None = None,
         dropout: float = 0.0,
-        seed: int | None = None,
+        seed: int | None = 0,
     ) -> None:
         super().__init__(d_out, d_in)
         _check_rank0(rank, d_out, d_in)
         alpha, self.scale = _scale(alpha, rank)
         self.dropout = _check_dropout(dropout)
-        self._config = dict(rank=rank, alpha=alpha, dropout=dropout, seed=seed)
         g = _generator(seed)
         self.Q = nn.Parameter(0.02 * torch.randn(rank, d_in, generator=g))
         self.lam = nn.Parameter(torch.zeros(rank))
@@ -386,6 +389,7 @@ class SoRA(Adapter):
     """
 
     name = "sora"
+    params = schema(_ADAPTIVE_PARAMS, gate_init=Choice("normal", "ones", doc="gate init: N(0, 1) draws or ones"))
 
     def __init__(
         self,
@@ -395,15 +399,12 @@ class SoRA(Adapter):
         alpha: float | None = None,
         dropout: float = 0.0,
         gate_init: str = "normal",
-        seed: int | None = None,
+        seed: int | None = 0,
     ) -> None:
         super().__init__(d_out, d_in)
         _check_rank0(rank, d_out, d_in)
-        if gate_init not in ("normal", "ones"):
-            raise ValueError(f"gate_init must be 'normal' or 'ones', got {gate_init!r}")
         alpha, self.scale = _scale(alpha, rank)
         self.dropout = _check_dropout(dropout)
-        self._config = dict(rank=rank, alpha=alpha, dropout=dropout, gate_init=gate_init, seed=seed)
         g = _generator(seed)
         self.A = nn.Parameter(_kaiming_rows(rank, d_in, g))
         self.B = nn.Parameter(torch.zeros(d_out, rank))

@@ -10,16 +10,16 @@ with the dense ΔK otherwise.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .base import Adapter
-from .layer import AdapterSwitch
+from .layer import DEFAULT_ADAPTER, AdapterHost
 
-__all__ = ["AdaptedConv2d", "ConvGeometry", "conv2d_delta"]
+__all__ = ["AdaptedConv2d", "ConvGeometry", "check_image_input", "conv2d_delta"]
 
 
 class ConvGeometry(NamedTuple):
@@ -72,22 +72,43 @@ def conv2d_delta(x: torch.Tensor, kernel: torch.Tensor, geometry: ConvGeometry) 
     return F.conv2d(x, kernel, None, geometry.stride, padding, geometry.dilation, geometry.groups)
 
 
-class AdaptedConv2d(AdapterSwitch, nn.Module):
-    r"""Wrap a frozen ``nn.Conv2d`` with an adapter of its kernel.
+def check_image_input(x: Any, channels: int, dtype: torch.dtype | None = None, name: str = "x") -> torch.Tensor:
+    """Validate a conv input: a floating tensor (N, C, H, W) or (C, H, W) with ``C = channels``, in ``dtype``.
 
-    ``forward(x) = base(x) + conv(x, ΔK)``; ``merge()`` writes ``K' = adapter.merged_weight(K0)``
-    into the base layer (accumulated in float32 or better), ``unmerge()`` restores :math:`K_0` up to
-    round-off, and ``disabled`` (or :meth:`disable_adapter`) bypasses the adapter.
+    The image counterpart of :func:`~lowrank_theory.adapters.base.check_input` (metadata only; another
+    dtype is accepted under autocast).
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor (N, {channels}, H, W), got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got dtype {x.dtype}")
+    if x.ndim not in (3, 4) or x.shape[-3] != channels:
+        raise ValueError(f"{name} must be an image batch (N, C, H, W) or (C, H, W) with C = {channels}, "
+                         f"got shape {tuple(x.shape)}")
+    if dtype is not None and x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"{name} has dtype {x.dtype} but the layer computes in {dtype}; cast it with x.to({dtype})")
+    return x
+
+
+class AdaptedConv2d(AdapterHost):
+    r"""Wrap a frozen ``nn.Conv2d`` with named adapters of its kernel.
+
+    ``forward(x) = base(x) + conv(x, ΔK)`` (summed over the active adapters); ``merge()`` writes
+    ``K' = adapter.merged_weight(K0)`` into the base layer (accumulated in float32 or better, checked
+    finite), ``unmerge()`` restores :math:`K_0` up to round-off, and ``disabled`` (or
+    :meth:`disable_adapter`) gives the base output, merged or not.  The named-adapter API is
+    :class:`~lowrank_theory.adapters.layer.AdapterHost`'s.
 
     Parameters
     ----------
     base : nn.Conv2d
         The frozen layer; its parameters get ``requires_grad=False``.
-    adapter : Adapter
+    adapter : Adapter, optional
         An additive adapter with ``kernel_size == base.kernel_size`` and
         ``(d_out, d_in) == (out_channels, in_channels // groups)``, whose ``delta_weight()`` is the
         (d_out, d_in, kh, kw) kernel.  If it has ``conv_forward(x, geometry)``, that structured path
         computes ``conv(x, ΔK)``; otherwise one convolution with the dense ΔK does.
+    adapter_name : str, default ``"default"``
 
     Raises
     ------
@@ -98,61 +119,49 @@ class AdaptedConv2d(AdapterSwitch, nn.Module):
         If the adapter's kernel shape does not match the base layer's.
     """
 
-    def __init__(self, base: nn.Conv2d, adapter: Adapter) -> None:
+    def __init__(self, base: nn.Conv2d, adapter: Adapter | None = None, *, adapter_name: str = DEFAULT_ADAPTER) -> None:
         super().__init__()
         if not isinstance(base, nn.Conv2d):
             raise TypeError(f"base must be an nn.Conv2d, got {type(base).__name__}")
+        self._init_host(base, adapter, adapter_name)
+
+    def _check_adapter(self, adapter: Adapter) -> None:
         if not isinstance(adapter, Adapter):
             raise TypeError(f"adapter must be an Adapter, got {type(adapter).__name__}")
         if not hasattr(adapter, "kernel_size"):
             raise TypeError(f"adapter must parametrize a 4-D kernel (have kernel_size), got {type(adapter).__name__}")
         if adapter.needs_base:
             raise TypeError(f"{type(adapter).__name__} needs the base weight; AdaptedConv2d supports additive adapters")
-        want = tuple(base.weight.shape)
+        want = tuple(self.base.weight.shape)
         have = (adapter.d_out, adapter.d_in, *tuple(adapter.kernel_size))
         if have != want:
             raise ValueError(f"adapter is sized for a kernel {have} but base.weight has shape {want}")
-        for p in base.parameters():
-            p.requires_grad_(False)
-        self.base = base
-        self.adapter = adapter
-        self.merged = False
-        self.disabled = False
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base kernel (d_out, d_in // groups, kh, kw)."""
+    def _base_weight(self) -> torch.Tensor:
         return self.base.weight
 
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
+    def _write_base_weight(self, w: torch.Tensor) -> None:
+        self.base.weight.copy_(w)
 
-    def delta_output(self, x: torch.Tensor) -> torch.Tensor:
-        """``conv(x, ΔK)`` under the base layer's geometry (structured when the adapter allows)."""
+    def _base_functional(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        out = conv2d_delta(x, w, ConvGeometry.of(self.base))
+        return out if b is None else out + b.reshape(-1, 1, 1)
+
+    def delta_output(self, x: torch.Tensor, adapter: Adapter | None = None) -> torch.Tensor:
+        """``conv(x, ΔK)`` of ``adapter`` (default: the active one) under the base layer's geometry."""
+        ad = self.adapter if adapter is None else adapter
         geometry = ConvGeometry.of(self.base)
-        if hasattr(self.adapter, "conv_forward"):
-            return self.adapter.conv_forward(x, geometry)
-        return conv2d_delta(x, self.adapter.delta_weight().to(x.dtype), geometry)
+        if hasattr(ad, "conv_forward"):
+            return ad.conv_forward(x, geometry)
+        return conv2d_delta(x, ad.delta_weight().to(x.dtype), geometry)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_image_input(x, self.base.in_channels, self.base.weight.dtype)
+        if self.disabled:
+            return self._disabled_output(x)
         base_out = self.base(x)
-        if self.disabled or self.merged:
+        if self._merged:
             return base_out
-        return base_out + self.delta_output(x).to(base_out.dtype)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the adapter into the base kernel."""
-        if self.merged:
-            return
-        self.base.weight.copy_(self.adapter.merged_weight(self.base.weight))
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Undo :meth:`merge`, restoring the frozen kernel up to round-off."""
-        if not self.merged:
-            return
-        self.base.weight.copy_(self.adapter.unmerged_weight(self.base.weight))
-        self.merged = False
+        for ad in self._active_list():
+            base_out = base_out + self.delta_output(x, ad).to(base_out.dtype)
+        return base_out

@@ -32,15 +32,15 @@ from .loca_locations import (
     LoCA,
     SparseSpectrumMatmul,
     check_n_frequency,
-    check_scalar,
     compute_dtype,
     dense_spectrum,
     loca_location_scores,
     loca_update_locations,
     random_locations,
 )
+from .params import Bool, Choice, Float, Int, Seed, schema
 from .registry import register
-from .spectral_dense import SpectralPaths, check_path, gather_columns
+from .spectral_dense import PATHS, SpectralPaths, gather_columns
 
 __all__ = [
     "QWHA",
@@ -121,7 +121,15 @@ class FourierFT(SpectralPaths, Adapter):
 
     name = "fourierft"
     execution_keys: ClassVar[tuple[str, ...]] = ("path",)
-    identity_at_init: ClassVar[bool] = False
+    identity_at_init = False  # per instance: True with init_weights=True
+    params = schema(
+        n_frequency=Int(1, doc="c, the number of trained spectrum entries"),
+        scaling=Float(doc="s, the scale of the update"),
+        random_loc_seed=Seed(doc="seed of the fixed locations (PEFT's random_loc_seed)"),
+        init_weights=Bool(doc="zero spectrum (True) or N(0, 1) draws (False, PEFT's default)"),
+        seed=Seed(none_ok=True, doc="seed of the N(0, 1) spectrum draw; None uses torch's global RNG"),
+        path=Choice(*PATHS, doc="how the update is computed (not what it is)"),
+    )
 
     def __init__(
         self,
@@ -131,18 +139,15 @@ class FourierFT(SpectralPaths, Adapter):
         scaling: float = 150.0,
         random_loc_seed: int = 777,
         init_weights: bool = False,
-        seed: int | None = None,
+        seed: int | None = 0,
         path: str = "auto",
     ) -> None:
         super().__init__(d_out, d_in)
         check_n_frequency(n_frequency, d_out, d_in)
-        self.scaling = check_scalar(scaling, "scaling")
+        self.scaling = scaling
         self.n_frequency = n_frequency
-        self.path = check_path(path)
-        self._config = dict(
-            n_frequency=n_frequency, scaling=self.scaling, random_loc_seed=random_loc_seed,
-            init_weights=bool(init_weights), seed=seed, path=path,
-        )
+        self.path = path
+        self.identity_at_init = init_weights
         locs = random_locations(d_out, d_in, n_frequency, random_loc_seed)
         cols = locs[:, 1]
         self.register_buffer("locations", locs, persistent=False)
@@ -317,6 +322,12 @@ class QWHA(Adapter):
     """
 
     name = "qwha"
+    params = schema(
+        n_frequency=Int(1, doc="c, the number of trained Walsh-Hadamard coefficients"),
+        scale=Float(doc="s, the scale of the update"),
+        axes=Choice(*_AXES, doc="transform both axes, or the input axis only (the paper's F H^-1)"),
+        random_loc_seed=Seed(doc="seed of the locations of create() without a weight"),
+    )
 
     def __init__(
         self,
@@ -328,15 +339,12 @@ class QWHA(Adapter):
         random_loc_seed: int = 777,
     ) -> None:
         super().__init__(d_out, d_in)
-        if axes not in _AXES:
-            raise ValueError(f"axes must be one of {_AXES}, got {axes!r}")
         self.axes = axes
         self.M = _next_pow2(d_out) if axes == "both" else d_out
         self.N = _next_pow2(d_in)
         check_n_frequency(n_frequency, self.M, self.N)
-        self.scale = check_scalar(scale, "scale")
+        self.scale = scale
         self.n_frequency = n_frequency
-        self._config = dict(n_frequency=n_frequency, scale=self.scale, axes=axes, random_loc_seed=random_loc_seed)
         self.values = nn.Parameter(torch.zeros(n_frequency))
         self.register_buffer("locations", random_locations(self.M, self.N, n_frequency, random_loc_seed))
 
@@ -471,6 +479,7 @@ class QWHA(Adapter):
         with torch.no_grad():
             ad.locations.copy_(locs)
             ad.values.copy_(f)
+        ad.identity_at_init = False  # Q(W0) + ΔW approximates W0; equal only where c covers the error
         return ad.to(device=W.device, dtype=W.dtype), Q.to(device=W.device, dtype=W.dtype)
 
 

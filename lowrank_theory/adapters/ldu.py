@@ -7,8 +7,6 @@ r columns of :math:`PL` and r rows of :math:`U` frozen and trains only a diagona
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any
 
 import torch
@@ -16,6 +14,7 @@ from torch import nn
 
 from ..linalg import derive_seed, ldu, random_basis
 from .base import Adapter, check_rank, check_sizes
+from .params import Float, Int, Seed, schema
 from .registry import register
 from .svd_based import check_matrix_weight
 
@@ -85,23 +84,20 @@ class LoLDU(Adapter):
     """
 
     name = "loldu"
+    params = schema(rank=Int(1), alpha=Float(doc="sigma starts at alpha / rank"),
+              seed=Seed(doc="seed of the frozen Gaussian factored by create() without a weight"))
 
     def __init__(self, d_out: int, d_in: int, rank: int = 8, alpha: float = 1.0, seed: int = 0) -> None:
         check_rank(rank, *check_sizes(d_out, d_in))
-        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
-            raise ValueError(f"alpha must be a finite real number, got {alpha!r}")
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-            raise TypeError(f"seed must be a non-negative int, got {seed!r}")
         super().__init__(d_out, d_in)
         self.rank = rank
-        self._config = dict(rank=rank, alpha=float(alpha), seed=int(seed))
-        G = torch.from_numpy(random_basis((d_out, d_in), "gaussian", seed=derive_seed(int(seed), "loldu")))
+        G = torch.from_numpy(random_basis((d_out, d_in), "gaussian", seed=derive_seed(seed, "loldu")))
         PL, _, U = _leading_ldu(G, rank)
         dt = torch.get_default_dtype()
         self.register_buffer("PL", PL.to(dt))  # (m, r): P @ L[:, :r]
         self.register_buffer("U", U.to(dt))  # (r, n)
         self.z = nn.Parameter(torch.zeros(rank))
-        self.sigma = nn.Parameter(torch.tensor(float(alpha) / rank))
+        self.sigma = nn.Parameter(torch.tensor(alpha / rank))
 
     @classmethod
     def param_count(cls, d_out: int, d_in: int, rank: int = 8, **_: Any) -> int:

@@ -41,15 +41,15 @@ from torch.autograd.function import once_differentiable
 
 from .. import backend
 from .base import Adapter
+from .params import Choice, Float, Int, Seed, Tensor, schema
 from .registry import register
-from .spectral_dense import SpectralPaths, check_path
+from .spectral_dense import PATHS, SpectralPaths
 
 __all__ = [
     "LoCA",
     "SparseSpectrumMatmul",
     "check_locations",
     "check_n_frequency",
-    "check_scalar",
     "compute_dtype",
     "dense_spectrum",
     "loca_location_scores",
@@ -88,14 +88,6 @@ def dense_spectrum(values: torch.Tensor, locations: torch.Tensor, shape: tuple[i
     """The (rows, cols) spectrum with ``values`` at ``locations``; duplicates add."""
     F = values.new_zeros(shape)
     return F.index_put((locations[:, 0], locations[:, 1]), values, accumulate=True)
-
-
-def check_scalar(value: float, name: str) -> float:
-    """``float(value)``, refusing NaN/Inf with a ``ValueError`` naming ``name``."""
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value}")
-    return value
 
 
 def compute_dtype(x: torch.Tensor, p: torch.Tensor) -> torch.dtype:
@@ -424,6 +416,13 @@ class LoCA(SpectralPaths, Adapter):
 
     name = "loca"
     execution_keys: ClassVar[tuple[str, ...]] = ("path",)
+    params = schema(
+        n_frequency=Int(1, doc="c, the number of trained DCT coefficients"),
+        scale=Float(doc="alpha, the scale of the update"),
+        random_loc_seed=Seed(doc="seed of the initial locations"),
+        locations=Tensor(doc="(c, 2) initial locations instead of random ones"),
+        path=Choice(*PATHS, doc="how the update is computed (not what it is)"),
+    )
 
     def __init__(
         self,
@@ -437,10 +436,9 @@ class LoCA(SpectralPaths, Adapter):
     ) -> None:
         super().__init__(d_out, d_in)
         check_n_frequency(n_frequency, d_out, d_in)
-        self.scale = check_scalar(scale, "scale")
+        self.scale = scale
         self.n_frequency = n_frequency
-        self.path = check_path(path)
-        self._config = dict(n_frequency=n_frequency, scale=self.scale, random_loc_seed=random_loc_seed, path=path)
+        self.path = path
         if locations is None:
             locs = random_locations(d_out, d_in, n_frequency, random_loc_seed)
         else:

@@ -18,13 +18,26 @@ from torch import nn
 from ..linalg import randomized_svd, truncated_svd
 from .base import Adapter, check_rank, check_weight
 from .fused import fusable, lora_linear
+from .params import Bool, Float, Int, Seed, schema
 from .registry import register
 
 __all__ = ["LoRA", "MiLoRA", "PiSSA", "lora_scale"]
 
 
-def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
-    """LoRA's scale ``α/r`` (Hu et al. 2021) or rsLoRA's ``α/√r`` (Kalajdzievski 2023)."""
+_SEED_DOC = "seed of the trainable init; None draws from torch's global RNG"
+#: The keywords LoRA-like classes share (rank, scale numerator, dropout, init seed).
+LORA_PARAMS = schema(
+    rank=Int(1, doc="r, 1 <= r <= min(d_out, d_in)"),
+    alpha=Float(none_ok=True, doc="scale numerator; None means alpha = rank"),
+    rslora=Bool(doc="rsLoRA's scale alpha / sqrt(r) instead of alpha / r"),
+    dropout=Float(0.0, 1.0, high_open=True, doc="dropout probability on the update's input"),
+    seed=Seed(none_ok=True, doc=_SEED_DOC),
+)
+
+
+def lora_scale(alpha: float | None, rank: int, rslora: bool) -> float:
+    """LoRA's scale ``α/r`` (Hu et al. 2021) or rsLoRA's ``α/√r`` (Kalajdzievski 2023); ``α = r`` when None."""
+    alpha = float(rank if alpha is None else alpha)
     if not math.isfinite(alpha):
         raise ValueError(f"alpha must be finite, got {alpha}")
     return alpha / math.sqrt(rank) if rslora else alpha / rank
@@ -46,8 +59,9 @@ class LoRA(Adapter):
         Use rsLoRA's rank-stabilized scale.
     dropout : float
         Dropout probability applied to the input of the update only (as in the paper's code).
-    seed : int, optional
-        Seed of A's init (Kaiming-uniform, as in PEFT); B = 0 so ΔW = 0 at init.
+    seed : int or None, default 0
+        Seed of A's init (Kaiming-uniform, as in PEFT); B = 0 so ΔW = 0 at init.  The default makes
+        two constructions equal; None draws from torch's global generator (``torch.manual_seed``).
 
     Notes
     -----
@@ -61,6 +75,7 @@ class LoRA(Adapter):
     """
 
     name = "lora"
+    params = LORA_PARAMS
 
     def __init__(
         self,
@@ -70,16 +85,12 @@ class LoRA(Adapter):
         alpha: float | None = None,
         rslora: bool = False,
         dropout: float = 0.0,
-        seed: int | None = None,
+        seed: int | None = 0,
     ) -> None:
         super().__init__(d_out, d_in)
         check_rank(rank, d_out, d_in)
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        alpha = float(rank if alpha is None else alpha)
         self.rank = rank
         self.scale = lora_scale(alpha, rank, rslora)
-        self._config = dict(rank=rank, alpha=alpha, rslora=rslora, dropout=dropout, seed=seed)
         self.A = nn.Parameter(torch.empty(rank, d_in))
         self.B = nn.Parameter(torch.zeros(d_out, rank))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -118,17 +129,13 @@ class LoRA(Adapter):
 
 # ----------------------------------------------------------------------------- helpers
 def _check_dropout(dropout: float) -> nn.Module:
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+    """The update's input dropout module (``dropout`` already validated by the class's ``params``)."""
     return nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
 
 def _generator(seed: int | None) -> torch.Generator | None:
-    if seed is None:
-        return None
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-    return torch.Generator().manual_seed(seed)
+    """A CPU generator seeded with ``seed`` (validated by ``params``), or None for torch's global one."""
+    return None if seed is None else torch.Generator().manual_seed(seed)
 
 
 def _kaiming_rows(rows: int, d_in: int, g: torch.Generator | None) -> torch.Tensor:
@@ -195,7 +202,7 @@ class PiSSA(LoRA):
         dropout: float = 0.0,
         *,
         n_iter: int | None = None,
-        seed: int | None = None,
+        seed: int | None = 0,
     ) -> tuple[LoRA, torch.Tensor]:
         """Initialise from the frozen weight; return ``(adapter, residual_base_weight)``.
 

@@ -15,7 +15,8 @@ from torch import nn
 
 from ..linalg import complement_projector, truncated_svd
 from .base import Adapter, check_rank, check_weight
-from .lowrank import _check_dropout, _check_matrix_weight, _generator, _kaiming_rows, lora_scale
+from .lowrank import LORA_PARAMS, _check_dropout, _check_matrix_weight, _generator, _kaiming_rows, lora_scale
+from .params import Instance, Int, Tensor, schema
 from .registry import register
 
 __all__ = ["BlockLoRA", "CompLoRA", "S2LoRA", "S2LoRAShared", "coefficient_l1_penalty"]
@@ -61,6 +62,7 @@ class BlockLoRA(Adapter):
     """
 
     name = "block_lora"
+    params = schema(LORA_PARAMS, without=["rslora"], num_blocks=Int(1, doc="k, the number of blocks; must divide rank"))
 
     def __init__(
         self,
@@ -70,19 +72,15 @@ class BlockLoRA(Adapter):
         num_blocks: int = 2,
         alpha: float | None = None,
         dropout: float = 0.0,
-        seed: int | None = None,
+        seed: int | None = 0,
     ) -> None:
         super().__init__(d_out, d_in)
         check_rank(rank, d_out, d_in)
-        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
-            raise ValueError(f"num_blocks must be a positive int, got {num_blocks!r}")
         if rank % num_blocks:
             raise ValueError(f"num_blocks must divide rank, got rank={rank}, num_blocks={num_blocks}")
-        alpha = float(rank if alpha is None else alpha)
         self.rank, self.num_blocks, self.block_rank = rank, num_blocks, rank // num_blocks
         self.scale = lora_scale(alpha, rank, False)
         self.dropout = _check_dropout(dropout)
-        self._config = dict(rank=rank, num_blocks=num_blocks, alpha=alpha, dropout=dropout, seed=seed)
         self.A = nn.Parameter(_kaiming_rows(self.block_rank, d_in, _generator(seed)))
         self.B = nn.Parameter(torch.zeros(d_out, rank))
 
@@ -144,6 +142,7 @@ class CompLoRA(Adapter):
     """
 
     name = "comp_lora"
+    params = schema(LORA_PARAMS, basis=Tensor(doc="orthonormal columns U_k (d_out, k) of the protected subspace"))
 
     def __init__(
         self,
@@ -153,7 +152,7 @@ class CompLoRA(Adapter):
         alpha: float | None = None,
         rslora: bool = False,
         dropout: float = 0.0,
-        seed: int | None = None,
+        seed: int | None = 0,
         basis: torch.Tensor | None = None,
     ) -> None:
         super().__init__(d_out, d_in)
@@ -170,11 +169,9 @@ class CompLoRA(Adapter):
                 )
             if basis.shape[1] > 0:
                 complement_projector(basis.detach().to(torch.promote_types(basis.dtype, torch.float32)))
-        alpha = float(rank if alpha is None else alpha)
         self.rank, self.k = rank, int(basis.shape[1])
         self.scale = lora_scale(alpha, rank, rslora)
         self.dropout = _check_dropout(dropout)
-        self._config = dict(rank=rank, alpha=alpha, rslora=rslora, dropout=dropout, seed=seed)
         self.A = nn.Parameter(_kaiming_rows(rank, d_in, _generator(seed)))
         self.B = nn.Parameter(torch.zeros(d_out, rank))
         self.register_buffer("U", basis.detach().clone(), persistent=False)
@@ -238,10 +235,10 @@ class S2LoRAShared(nn.Module):
     ``model.parameters()`` yields its tensors once and a step on them moves every layer.
     """
 
-    def __init__(self, d_out: int, d_in: int, rank: int = 8, seed: int | None = None) -> None:
+    def __init__(self, d_out: int, d_in: int, rank: int = 8, seed: int | None = 0) -> None:
         super().__init__()
         check_rank(rank, d_out, d_in)
-        g = _generator(seed)
+        g = _generator(LORA_PARAMS["seed"].validate("seed", seed))
         self.d_out, self.d_in, self.rank = d_out, d_in, rank
         self.B = nn.Parameter(0.02 * torch.randn(d_out, rank, generator=g))
         self.A = nn.Parameter(0.02 * torch.randn(rank, d_in, generator=g))
@@ -288,6 +285,8 @@ class S2LoRA(Adapter):
     """
 
     name = "s2_lora"
+    params = schema(LORA_PARAMS, without=["rslora"],
+                    shared=Instance(S2LoRAShared, doc="the factor pair shared by all layers"))
 
     def __init__(
         self,
@@ -297,24 +296,20 @@ class S2LoRA(Adapter):
         shared: S2LoRAShared | None = None,
         alpha: float | None = None,
         dropout: float = 0.0,
-        seed: int | None = None,
+        seed: int | None = 0,
     ) -> None:
         super().__init__(d_out, d_in)
         check_rank(rank, d_out, d_in)
         if shared is None:
             shared = S2LoRAShared(d_out, d_in, rank, seed)
-        elif not isinstance(shared, S2LoRAShared):
-            raise TypeError(f"shared must be an S2LoRAShared, got {type(shared).__name__}")
         elif (shared.d_out, shared.d_in, shared.rank) != (d_out, d_in, rank):
             raise ValueError(
                 f"shared must be sized (d_out, d_in, rank)=({d_out}, {d_in}, {rank}), "
                 f"got ({shared.d_out}, {shared.d_in}, {shared.rank})"
             )
-        alpha = float(rank if alpha is None else alpha)
         self.rank = rank
         self.scale = lora_scale(alpha, rank, False)
         self.dropout = _check_dropout(dropout)
-        self._config = dict(rank=rank, alpha=alpha, dropout=dropout, seed=seed)
         self.shared = shared
         self.coef = nn.Parameter(torch.zeros(rank, dtype=shared.A.dtype))
 

@@ -21,9 +21,10 @@ from torch import nn
 from .. import backend
 from .base import Adapter, check_rank, check_weight
 from .fused import fusable, lora_linear
-from .lowrank import lora_scale
+from .lowrank import _SEED_DOC, LORA_PARAMS, lora_scale
+from .params import Bool, Choice, Float, Int, Seed, Tensor, schema
 from .registry import register
-from .row_norms import _acc_dtype, lowrank_row_norms, row_norm_dtype
+from .row_norms import lowrank_row_norms, row_norm_dtype, scaled_row_norms
 
 __all__ = ["HUT", "SSF", "DoRA", "lowrank_row_norms", "row_norm_dtype"]
 
@@ -101,6 +102,12 @@ class DoRA(Adapter):
     name = "dora"
     needs_base = True
     multiplicative = True
+    params = schema(
+        LORA_PARAMS, without=["dropout"],
+        detach_norm=Bool(doc="treat the row norm as a constant in backward (the paper's Sec. 4.3)"),
+        eps=Float(0.0, 1.0, low_open=True, high_open=True, doc="floor of the row norm"),
+        magnitude=Tensor(doc="(d_out,) initial magnitude g; default ||W0 + sBA|| on first use"),
+    )
 
     def __init__(
         self,
@@ -111,19 +118,16 @@ class DoRA(Adapter):
         rslora: bool = False,
         detach_norm: bool = True,
         eps: float = 1e-8,
-        seed: int | None = None,
+        seed: int | None = 0,
         magnitude: torch.Tensor | None = None,
     ) -> None:
         super().__init__(d_out, d_in)
         check_rank(rank, d_out, d_in)
-        if not (isinstance(eps, (int, float)) and 0.0 < eps < 1.0):
-            raise ValueError(f"eps must be a float in (0, 1), got {eps!r}")
-        alpha = float(rank if alpha is None else alpha)
         self.rank = rank
         self.scale = lora_scale(alpha, rank, rslora)
-        self.detach_norm = bool(detach_norm)
-        self.eps = float(eps)
-        self._config = dict(rank=rank, alpha=alpha, rslora=rslora, detach_norm=detach_norm, eps=eps, seed=seed)
+        self.detach_norm = detach_norm
+        self.eps = eps
+        self.exact_gradient = not detach_norm  # a detached norm is a constant in backward, by design
         self.A = nn.Parameter(_kaiming_rows(rank, d_in, seed))
         self.B = nn.Parameter(torch.zeros(d_out, rank))
         if magnitude is None:
@@ -144,7 +148,7 @@ class DoRA(Adapter):
         m, n = W.shape
         ad = cls(m, n, rank=rank, **cfg).to(device=W.device, dtype=W.dtype)
         with torch.no_grad():
-            ad.magnitude.copy_(torch.linalg.vector_norm(W.to(_acc_dtype(W)), dim=1).to(W.dtype))
+            ad.magnitude.copy_(scaled_row_norms(W.detach()).to(W.dtype))
         ad._magnitude_ready = True
         return ad, W
 
@@ -233,18 +237,16 @@ class DoRA(Adapter):
         V = W0.to(c.dtype) + self.scale * (self.B.to(c.dtype) @ self.A.to(c.dtype))
         return (c[:, None] * V - W0.to(c.dtype)).to(W0.dtype)
 
-    @torch.no_grad()
-    def merged_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
+    def _merge(self, base_weight: torch.Tensor) -> torch.Tensor:
         W0 = self._require_base(base_weight)
         self._ensure_magnitude(W0)
         nu = lowrank_row_norms(W0, self.B, self.A, self.scale, precise=True).clamp_min(self.eps)
         self._merge_norm = nu
         acc = nu.dtype
         V = W0.to(acc) + self.scale * (self.B.to(acc) @ self.A.to(acc))
-        return ((self.magnitude.to(acc) / nu)[:, None] * V).to(W0.dtype)
+        return (self.magnitude.to(acc) / nu)[:, None] * V
 
-    @torch.no_grad()
-    def unmerged_weight(self, merged_weight: torch.Tensor) -> torch.Tensor:
+    def _unmerge(self, merged_weight: torch.Tensor) -> torch.Tensor:
         if self._merge_norm is None:
             raise ValueError("unmerged_weight needs the row norm cached by merged_weight; merge first")
         g = self.magnitude.to(self._merge_norm.dtype)
@@ -252,9 +254,7 @@ class DoRA(Adapter):
             raise ValueError("magnitude has zero entries: those rows of the merged weight are 0 and W0 is lost")
         acc = self._merge_norm.dtype
         V = (self._merge_norm / g)[:, None] * merged_weight.to(acc)
-        W0 = V - self.scale * (self.B.to(acc) @ self.A.to(acc))
-        self._merge_norm = None
-        return W0.to(merged_weight.dtype)
+        return V - self.scale * (self.B.to(acc) @ self.A.to(acc))
 
 
 # ============================================================================= SSF
@@ -295,12 +295,12 @@ class SSF(Adapter):
     name = "ssf"
     needs_base = True
     multiplicative = True
+    params = schema(init_std=Float(0.0, doc="sigma of the N(1, s^2) / N(0, s^2) init"),
+                    seed=Seed(none_ok=True, doc=_SEED_DOC))
 
-    def __init__(self, d_out: int, d_in: int, init_std: float = 0.0, seed: int | None = None) -> None:
+    def __init__(self, d_out: int, d_in: int, init_std: float = 0.0, seed: int | None = 0) -> None:
         super().__init__(d_out, d_in)
-        if not (isinstance(init_std, (int, float)) and 0.0 <= init_std < math.inf):
-            raise ValueError(f"init_std must be a finite float >= 0, got {init_std!r}")
-        self._config = dict(init_std=init_std, seed=seed)
+        self.identity_at_init = init_std == 0.0
         g = torch.Generator().manual_seed(seed) if seed is not None else None
         self.gamma = nn.Parameter(1.0 + init_std * torch.randn(d_out, generator=g))
         self.beta = nn.Parameter(init_std * torch.randn(d_out, generator=g))
@@ -322,39 +322,28 @@ class SSF(Adapter):
         W0 = self._require_base(base_weight)
         return (self.gamma.to(W0.dtype) - 1)[:, None] * W0
 
-    def _gamma_acc(self, like: torch.Tensor, *, invertible: bool = False) -> torch.Tensor:
-        """gamma in the accumulation dtype; with ``invertible`` a zero entry is a ValueError."""
-        gamma = self.gamma.to(_acc_dtype(like, self.gamma))
-        if invertible and bool((gamma == 0).any()):
+    def _invertible_gamma(self) -> torch.Tensor:
+        if bool((self.gamma == 0).any()):
             raise ValueError("gamma has zero entries: SSF's merge is not invertible (cannot unmerge)")
-        return gamma
+        return self.gamma
 
-    @torch.no_grad()
-    def merged_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
-        W0 = self._require_base(base_weight)
-        gamma = self._gamma_acc(W0)
-        return (gamma[:, None] * W0.to(gamma.dtype)).to(W0.dtype)
+    def _merge(self, base_weight: torch.Tensor) -> torch.Tensor:
+        return self.gamma[:, None] * self._require_base(base_weight)
 
-    @torch.no_grad()
-    def unmerged_weight(self, merged_weight: torch.Tensor) -> torch.Tensor:
-        gamma = self._gamma_acc(merged_weight, invertible=True)
-        return (merged_weight.to(gamma.dtype) / gamma[:, None]).to(merged_weight.dtype)
+    def _unmerge(self, merged_weight: torch.Tensor) -> torch.Tensor:
+        return merged_weight / self._invertible_gamma()[:, None]
 
-    @torch.no_grad()
-    def merged_bias(self, base_bias: torch.Tensor | None) -> torch.Tensor | None:
+    def _merge_bias(self, base_bias: torch.Tensor | None) -> torch.Tensor | None:
         if base_bias is None:
             if bool((self.beta != 0).any()):
                 raise ValueError("base_bias is None but beta != 0: SSF's shift cannot merge into a layer without bias")
             return None
-        gamma = self._gamma_acc(base_bias)
-        return (gamma * base_bias.to(gamma.dtype) + self.beta.to(gamma.dtype)).to(base_bias.dtype)
+        return self.gamma * base_bias + self.beta
 
-    @torch.no_grad()
-    def unmerged_bias(self, merged_bias: torch.Tensor | None) -> torch.Tensor | None:
+    def _unmerge_bias(self, merged_bias: torch.Tensor | None) -> torch.Tensor | None:
         if merged_bias is None:
             return None
-        gamma = self._gamma_acc(merged_bias, invertible=True)
-        return ((merged_bias.to(gamma.dtype) - self.beta.to(gamma.dtype)) / gamma).to(merged_bias.dtype)
+        return (merged_bias - self.beta) / self._invertible_gamma()
 
 
 # ============================================================================= HUT
@@ -412,15 +401,14 @@ class HUT(Adapter):
     execution_keys: ClassVar[tuple[str, ...]] = ("path",)
     needs_base = True
     multiplicative = True
+    params = schema(rank=Int(1), seed=Seed(none_ok=True, doc=_SEED_DOC),
+              path=Choice("auto", "structured", "dense", doc="how the update is computed (not what it is)"))
 
-    def __init__(self, d_out: int, d_in: int, rank: int = 4, seed: int | None = None, path: str = "auto") -> None:
+    def __init__(self, d_out: int, d_in: int, rank: int = 4, seed: int | None = 0, path: str = "auto") -> None:
         super().__init__(d_out, d_in)
         check_rank(rank, d_out, d_in)
-        if path not in ("auto", "structured", "dense"):
-            raise ValueError(f"path must be 'auto', 'structured' or 'dense', got {path!r}")
         self.rank = rank
         self.path = path
-        self._config = dict(rank=rank, seed=seed, path=path)
         B = torch.zeros(d_out, rank)
         B[:, 0] = 1.0
         A = torch.ones(rank, d_in)
@@ -446,7 +434,7 @@ class HUT(Adapter):
     def apply_transformed(self, x: torch.Tensor, base_weight: torch.Tensor) -> torch.Tensor:
         r""":math:`x (W_0 \odot BA)^\top` for x (..., n) -> (..., m), by the chosen path."""
         self._check_input(x)
-        W0 = self._require_base(base_weight)
+        W0 = self._require_base(base_weight).to(x.dtype)  # a no-op unless the adapter's dtype differs from W0's
         A, B = self.A.to(x.dtype), self.B.to(x.dtype)
         if self._use_structured(x):
             z = (x.unsqueeze(-2) * A) @ W0.T  # (..., r, m): W0 (a_k ⊙ x) for each k
@@ -466,16 +454,11 @@ class HUT(Adapter):
         W0 = self._require_base(base_weight)
         return W0 * (self.transform().to(W0.dtype) - 1.0)
 
-    @torch.no_grad()
-    def merged_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
-        W0 = self._require_base(base_weight)
-        acc = _acc_dtype(W0, self.A)
-        return (W0.to(acc) * (self.B.to(acc) @ self.A.to(acc))).to(W0.dtype)
+    def _merge(self, base_weight: torch.Tensor) -> torch.Tensor:
+        return self._require_base(base_weight) * (self.B @ self.A)
 
-    @torch.no_grad()
-    def unmerged_weight(self, merged_weight: torch.Tensor) -> torch.Tensor:
-        acc = _acc_dtype(merged_weight, self.A)
-        M = self.B.to(acc) @ self.A.to(acc)
+    def _unmerge(self, merged_weight: torch.Tensor) -> torch.Tensor:
+        M = self.B @ self.A
         if bool((M == 0).any()):
             raise ValueError("the Hadamard factor B @ A has zero entries: W0 cannot be recovered (cannot unmerge)")
-        return (merged_weight.to(acc) / M).to(merged_weight.dtype)
+        return merged_weight / M

@@ -21,10 +21,18 @@ from torch import nn
 from ..linalg.projections import IsometricProjection, isometric_projection
 from ..linalg.random import derive_seed
 from .base import Adapter, check_rank
-from .random_basis import _check_dropout, _check_float, _check_int
+from .params import Float, Instance, Int, Seed, schema
 from .registry import register
 
 __all__ = ["UniLoRA", "UniLoRAShared"]
+
+
+#: The keywords of the shared vector (also UniLoRA's, for a private one).
+_UNILORA_VECTOR = schema(
+    d=Int(1, doc="length of the trainable vector theta_d"),
+    seed=Seed(doc="seed of theta_d's init and of the projection's columns"),
+    init_bound=Float(0.0, doc="theta_d ~ U(-b, b)"),
+)
 
 
 class UniLoRAShared(nn.Module):
@@ -69,11 +77,9 @@ class UniLoRAShared(nn.Module):
 
     def __init__(self, d: int, seed: int = 0, init_bound: float = 0.02) -> None:
         super().__init__()
-        self.d = _check_int(d, "d")
-        self.seed = _check_int(seed, "seed", lo=0)
-        self.init_bound = _check_float(init_bound, "init_bound")
-        if self.init_bound < 0:
-            raise ValueError(f"init_bound must be >= 0, got {self.init_bound}")
+        self.d = _UNILORA_VECTOR["d"].validate("d", d)
+        self.seed = _UNILORA_VECTOR["seed"].validate("seed", seed)
+        self.init_bound = _UNILORA_VECTOR["init_bound"].validate("init_bound", init_bound)
         g = torch.Generator().manual_seed(derive_seed(self.seed, "unilora/theta_d"))
         theta = torch.empty(self.d, dtype=torch.float64).uniform_(-self.init_bound, self.init_bound, generator=g)
         self.theta_d = nn.Parameter(theta.to(torch.get_default_dtype()))
@@ -205,6 +211,13 @@ class UniLoRA(Adapter):
 
     name = "unilora"
     identity_at_init = False
+    params = schema(
+        _UNILORA_VECTOR,
+        rank=Int(1),
+        shared=Instance(UniLoRAShared, doc="the model-wide vector; None makes a private one"),
+        scale=Float(doc="s (no LoRA scale in the paper)"),
+        dropout=Float(0.0, 1.0, high_open=True),
+    )
 
     def __init__(
         self,
@@ -220,22 +233,19 @@ class UniLoRA(Adapter):
     ) -> None:
         super().__init__(d_out, d_in)
         check_rank(rank, d_out, d_in)
-        self.scale = _check_float(scale, "scale")
-        dropout = _check_dropout(dropout)
+        self.scale = scale
         private = shared is None
         if private:
             shared = UniLoRAShared(d, seed=seed, init_bound=init_bound)
-        elif not isinstance(shared, UniLoRAShared):
-            raise TypeError(f"shared must be a UniLoRAShared, got {type(shared).__name__}")
         self.rank = rank
         self.shared = shared
         self.offset = shared.attach(d_out, d_in, rank)
         self.numel = rank * (d_in + d_out)
         if private:
             shared.finalize()
-        self._config = dict(
-            rank=rank, d=shared.d, seed=shared.seed, init_bound=shared.init_bound, scale=self.scale, dropout=dropout
-        )
+        # config() describes the vector, not the object: the private equivalent (JSON-able for checkpoints)
+        self._config.pop("shared", None)
+        self._config.update(d=shared.d, seed=shared.seed, init_bound=shared.init_bound)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     @classmethod

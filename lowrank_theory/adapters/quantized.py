@@ -9,6 +9,7 @@ import torch
 from ..linalg import lowrank_plus_quantized
 from .base import check_weight
 from .lowrank import LoRA
+from .params import Choice, Float, Int, Seed, schema
 from .registry import register
 
 __all__ = ["LQLoRA"]
@@ -72,6 +73,15 @@ class LQLoRA(LoRA):
 
     name = "lq_lora"
     identity_at_init = False
+    params = schema(
+        rank=Int(1),
+        bits=Int(2, 8, doc="bits of the quantized part (4 for nf4)"),
+        quantizer=Choice(*_QUANTIZERS, doc="NF4 code book or uniform levels"),
+        iters=Int(1, doc="alternating iterations of the decomposition"),
+        block_size=Int(1, doc="entries per absmax block"),
+        dropout=Float(0.0, 1.0, high_open=True),
+        seed=Seed(none_ok=True, doc="seed of the trainable init of create() without a weight"),
+    )
 
     def __init__(
         self,
@@ -83,23 +93,11 @@ class LQLoRA(LoRA):
         iters: int = 10,
         block_size: int = 64,
         dropout: float = 0.0,
-        seed: int | None = None,
+        seed: int | None = 0,
     ) -> None:
-        if quantizer not in _QUANTIZERS:
-            raise ValueError(f"quantizer must be 'nf4' or 'uniform', got {quantizer!r}")
-        if isinstance(bits, bool) or not isinstance(bits, int):
-            raise TypeError(f"bits must be an int, got {type(bits).__name__}")
         if quantizer == "nf4" and bits != 4:
             raise ValueError(f"bits must be 4 for quantizer='nf4', got {bits}")
-        if quantizer == "uniform" and not 2 <= bits <= 8:
-            raise ValueError(f"bits must be in [2, 8] for quantizer='uniform', got {bits}")
-        for name, v in (("iters", iters), ("block_size", block_size)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
         super().__init__(d_out, d_in, rank=rank, alpha=float(rank), dropout=dropout, seed=seed)
-        self._config = dict(
-            rank=rank, bits=bits, quantizer=quantizer, iters=iters, block_size=block_size, dropout=dropout, seed=seed
-        )
         #: Frobenius errors of the decomposition's iterates (set by :meth:`from_weight`).
         self.decomposition_errors: tuple[float, ...] = ()
 

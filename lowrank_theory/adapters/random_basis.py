@@ -33,6 +33,7 @@ from torch import nn
 
 from ..linalg.random import derive_seed, random_basis
 from .base import Adapter, check_rank
+from .params import Bool, Choice, Float, Int, Seed, Shape2, schema
 from .registry import register
 
 __all__ = ["NOLA", "RandLoRA", "VeRA", "randlora_basis", "vera_basis"]
@@ -49,30 +50,11 @@ def _check_int(value: Any, name: str, lo: int = 1) -> int:
     return int(value)
 
 
-def _check_float(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
-
-
-def _check_dropout(p: Any) -> float:
-    p = _check_float(p, "dropout")
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {p}")
-    return p
-
-
-def _check_basis_shape(basis_shape: Any, d_out: int, d_in: int) -> tuple[int, int]:
-    """``basis_shape`` = the largest (d_out, d_in) over the layers sharing a basis."""
+def _check_basis_shape(basis_shape: tuple[int, int] | None, d_out: int, d_in: int) -> tuple[int, int]:
+    """``basis_shape`` (a validated pair or None) = the largest (d_out, d_in) over the layers sharing a basis."""
     if basis_shape is None:
         return d_out, d_in
-    if not isinstance(basis_shape, (tuple, list)) or len(basis_shape) != 2:
-        raise TypeError(f"basis_shape must be a pair (max_d_out, max_d_in), got {basis_shape!r}")
-    mo = _check_int(basis_shape[0], "basis_shape[0]")
-    mi = _check_int(basis_shape[1], "basis_shape[1]")
+    mo, mi = basis_shape
     if mo < d_out or mi < d_in:
         raise ValueError(
             f"basis_shape must be at least the layer's shape ({d_out}, {d_in}) in each axis, got ({mo}, {mi})"
@@ -203,6 +185,13 @@ class VeRA(Adapter):
     """
 
     name = "vera"
+    params = schema(
+        rank=Int(1, doc="r, the inner dimension of the shared pair (may exceed min(d_out, d_in))"),
+        d_initial=Float(doc="initial value of every entry of d"),
+        seed=Seed(doc="seed of the frozen shared pair"),
+        basis_shape=Shape2(doc="the largest (d_out, d_in) of the layers sharing the pair"),
+        dropout=Float(0.0, 1.0, high_open=True),
+    )
 
     def __init__(
         self,
@@ -215,13 +204,8 @@ class VeRA(Adapter):
         dropout: float = 0.0,
     ) -> None:
         super().__init__(d_out, d_in)
-        rank = _check_int(rank, "rank")
-        d_initial = _check_float(d_initial, "d_initial")
-        seed = _check_int(seed, "seed", lo=0)
         shape = _check_basis_shape(basis_shape, d_out, d_in)
-        dropout = _check_dropout(dropout)
         self.rank = rank
-        self._config = dict(rank=rank, d_initial=d_initial, seed=seed, basis_shape=shape, dropout=dropout)
         A, B = vera_basis(seed, rank, shape)
         self.register_buffer("vera_A", _as_default_float(A[:, :d_in]), persistent=False)
         self.register_buffer("vera_B", _as_default_float(B[:d_out, :]), persistent=False)
@@ -292,6 +276,14 @@ class NOLA(Adapter):
     """
 
     name = "nola"
+    params = schema(
+        rank=Int(1),
+        num_basis_a=Int(1, doc="k, random bases of A"),
+        num_basis_b=Int(1, doc="l, random bases of B"),
+        alpha=Float(none_ok=True, doc="scale numerator; None means alpha = rank"),
+        seed=Seed(doc="root seed of this layer's frozen bases"),
+        dropout=Float(0.0, 1.0, high_open=True),
+    )
 
     def __init__(
         self,
@@ -306,16 +298,9 @@ class NOLA(Adapter):
     ) -> None:
         super().__init__(d_out, d_in)
         check_rank(rank, d_out, d_in)
-        k = _check_int(num_basis_a, "num_basis_a")
-        l_ = _check_int(num_basis_b, "num_basis_b")
-        alpha = _check_float(rank if alpha is None else alpha, "alpha")
-        seed = _check_int(seed, "seed", lo=0)
-        dropout = _check_dropout(dropout)
+        k, l_ = num_basis_a, num_basis_b
         self.rank = rank
-        self.scale = alpha / rank
-        self._config = dict(
-            rank=rank, num_basis_a=k, num_basis_b=l_, alpha=alpha, seed=seed, dropout=dropout
-        )
+        self.scale = float(rank if alpha is None else alpha) / rank
         bases_a = random_basis((k, rank, d_in), "gaussian", seed=derive_seed(seed, "nola/A"), scale=1 / math.sqrt(k))
         bases_b = random_basis((l_, d_out, rank), "gaussian", seed=derive_seed(seed, "nola/B"), scale=1 / math.sqrt(l_))
         a0 = random_basis((rank, d_in), "gaussian", seed=derive_seed(seed, "nola/A0"), scale="fan_in")
@@ -408,6 +393,15 @@ class RandLoRA(Adapter):
     """
 
     name = "randlora"
+    params = schema(
+        rank=Int(1, doc="r, the rank of each basis"),
+        alpha=Float(none_ok=True, doc="scale numerator; None means 20 * rank"),
+        seed=Seed(doc="root seed of the frozen shared bases"),
+        basis=Choice(*RANDLORA_BASES, doc="distribution of the bases"),
+        shared_a=Bool(doc="one A for all bases (paper, PEFT) or one per basis"),
+        basis_shape=Shape2(doc="the largest (d_out, d_in) of the layers sharing the bases"),
+        dropout=Float(0.0, 1.0, high_open=True),
+    )
 
     def __init__(
         self,
@@ -423,21 +417,12 @@ class RandLoRA(Adapter):
     ) -> None:
         super().__init__(d_out, d_in)
         check_rank(rank, d_out, d_in)
-        alpha = _check_float(20.0 * rank if alpha is None else alpha, "alpha")
-        seed = _check_int(seed, "seed", lo=0)
-        if basis not in RANDLORA_BASES:
-            raise ValueError(f"basis must be one of {', '.join(map(repr, RANDLORA_BASES))}, got {basis!r}")
-        if not isinstance(shared_a, bool):
-            raise TypeError(f"shared_a must be a bool, got {type(shared_a).__name__}")
+        alpha = 20.0 * rank if alpha is None else alpha
         shape = _check_basis_shape(basis_shape, d_out, d_in)
-        dropout = _check_dropout(dropout)
         p, q = min(d_out, d_in), max(d_out, d_in)
         self.rank, self.num_bases = rank, -(-p // rank)
         self.scale = alpha / rank
         self.transposed = d_out < d_in  # M is (q, p); ΔW = Mᵀ when the output side is the smaller
-        self._config = dict(
-            rank=rank, alpha=alpha, seed=seed, basis=basis, shared_a=shared_a, basis_shape=shape, dropout=dropout
-        )
         A, B = randlora_basis(seed, rank, shape, basis, shared_a)
         n = self.num_bases
         self.register_buffer("randlora_A", _as_default_float(A[: 1 if shared_a else n, :, :p]), persistent=False)

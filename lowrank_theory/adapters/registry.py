@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from .base import Adapter
@@ -12,10 +13,24 @@ _REGISTRY: dict[str, type[Adapter]] = {}
 
 
 def register(cls: type[Adapter]) -> type[Adapter]:
-    """Class decorator: register ``cls`` under ``cls.name`` (unique, lower-case)."""
+    """Class decorator: register ``cls`` under ``cls.name`` (unique, lower-case).
+
+    The class must declare every constructor keyword in its ``params`` schema
+    (:mod:`~lowrank_theory.adapters.params`) and nothing else, so that every construction path
+    validates the same way and :meth:`Adapter.config` rebuilds it.
+    """
     key = cls.name
     if not key or key != key.lower():
         raise ValueError(f"adapter class {cls.__name__} needs a lower-case name, got {key!r}")
+    sig = inspect.signature(cls.__init__)
+    keywords = {n for n, p in sig.parameters.items()
+                if n not in ("self", "d_out", "d_in") and p.kind is not inspect.Parameter.VAR_KEYWORD}
+    if keywords != set(cls.params):
+        raise TypeError(
+            f"adapter class {cls.__name__}: params must declare exactly the constructor keywords; "
+            f"undeclared {sorted(keywords - set(cls.params))}, "
+            f"not in the constructor {sorted(set(cls.params) - keywords)}"
+        )
     if key in _REGISTRY and _REGISTRY[key] is not cls:
         raise ValueError(f"adapter name {key!r} is already registered by {_REGISTRY[key].__name__}")
     _REGISTRY[key] = cls

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["lowrank_row_norms", "row_norm_dtype"]
+__all__ = ["lowrank_row_norms", "row_norm_dtype", "scaled_row_norms"]
 
 
 def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -20,6 +20,20 @@ def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
     for t in tensors:
         dt = torch.promote_types(dt, t.dtype)
     return dt
+
+
+def scaled_row_norms(W: torch.Tensor) -> torch.Tensor:
+    r"""Row norms :math:`\|w_i\|_2 = s_i\,\|w_i / s_i\|_2` with :math:`s_i = \max_j |w_{ij}|`, free of overflow.
+
+    Squaring entries of magnitude ~1e20 overflows float32 and ~1e-30 underflows to 0; dividing
+    each row by its largest magnitude first keeps every square in [0, 1], so the result is accurate
+    wherever the norm itself is representable (a zero row gives 0).  Computed in float32 or better
+    (the dtype of ``W`` promoted with float32); shape (m,) for W of shape (m, n).
+    """
+    W = W.to(torch.promote_types(W.dtype, torch.float32))
+    s = W.abs().amax(dim=1)
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    return torch.linalg.vector_norm(W / safe[:, None], dim=1) * s
 
 
 def row_norm_dtype(W0: torch.Tensor, precise: bool = False) -> torch.dtype:

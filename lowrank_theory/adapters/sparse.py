@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from ..linalg import derive_seed
-from .lowrank import LoRA
+from .lowrank import LORA_PARAMS, LoRA
+from .params import Choice, Float, Seed, schema
 from .registry import register
 
 __all__ = ["SLTrain", "sparse_support_size"]
@@ -27,14 +28,6 @@ def sparse_support_size(d_out: int, d_in: int, density: float) -> int:
     A relative slack of 1e-12 keeps products such as 0.29·100 = 28.999999999999996 at 29.
     """
     return math.floor(density * d_out * d_in * (1.0 + 1e-12))
-
-
-def _check_density(density: Any) -> float:
-    if isinstance(density, bool) or not isinstance(density, (int, float)):
-        raise TypeError(f"density must be a float in (0, 1], got {type(density).__name__}")
-    if not 0.0 < density <= 1.0:
-        raise ValueError(f"density must be in (0, 1], got {density}")
-    return float(density)
 
 
 @register
@@ -52,9 +45,9 @@ class SLTrain(LoRA):
     density : float, default 0.03
         :math:`\delta`, fraction of the m·n entries in the support of S, in (0, 1];
         :math:`\text{nnz} = \lfloor\delta mn\rfloor \ge 1` is required.
-    seed : int, optional
-        Root seed of the support and of A's init.  ``None`` draws one from fresh OS entropy and
-        records it in :meth:`config`, so the adapter can always be rebuilt.
+    seed : int, default 0
+        Root seed of the support and of A's init.  Deterministic by default, so two models built
+        alike have the same support and a checkpoint loads into a fresh injection.
     sparse_init : {"zero", "uniform"}, default "zero"
         Initial values of S: ``"zero"`` gives :math:`\Delta W = 0` at init (fine-tuning);
         ``"uniform"`` is the paper's pretraining init :math:`U(-1/\sqrt n, 1/\sqrt n)` (then
@@ -91,6 +84,12 @@ class SLTrain(LoRA):
     """
 
     name = "sltrain"
+    params = schema(
+        LORA_PARAMS, without=["rslora"],
+        density=Float(0.0, 1.0, low_open=True, doc="delta, the fraction of W's entries in the sparse support"),
+        seed=Seed(doc="seed of the frozen sparse support (and of A's init)"),
+        sparse_init=Choice("zero", "uniform", doc="init of the sparse values"),
+    )
 
     def __init__(
         self,
@@ -99,17 +98,10 @@ class SLTrain(LoRA):
         rank: int = 8,
         alpha: float | None = None,
         density: float = 0.03,
-        seed: int | None = None,
+        seed: int = 0,
         sparse_init: str = "zero",
         dropout: float = 0.0,
     ) -> None:
-        density = _check_density(density)
-        if sparse_init not in ("zero", "uniform"):
-            raise ValueError(f"sparse_init must be 'zero' or 'uniform', got {sparse_init!r}")
-        if seed is None:
-            seed = int(np.random.SeedSequence().generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
-        elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
         super().__init__(d_out, d_in, rank=rank, alpha=alpha, dropout=dropout, seed=seed)
         nnz = sparse_support_size(d_out, d_in, density)
         if nnz < 1:
@@ -118,9 +110,6 @@ class SLTrain(LoRA):
             )
         self.density = density
         self.nnz = nnz
-        self._config = dict(
-            rank=rank, alpha=self._config["alpha"], density=density, seed=seed, sparse_init=sparse_init, dropout=dropout
-        )
         rng = np.random.default_rng(derive_seed(seed, "sltrain-support"))
         flat = np.sort(rng.choice(d_out * d_in, size=nnz, replace=False))
         self.register_buffer("rows", torch.from_numpy(flat // d_in), persistent=False)

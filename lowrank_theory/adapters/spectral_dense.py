@@ -39,17 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ["PATHS", "SpectralDense", "SpectralPaths", "check_path", "gather_columns", "prefers_dense",
+__all__ = ["PATHS", "SpectralDense", "SpectralPaths", "gather_columns", "prefers_dense",
            "spectral_dense_linear", "token_chunks"]
 
 PATHS = ("auto", "structured", "dense")
-
-
-def check_path(path: str) -> str:
-    """``path`` if it is one of :data:`PATHS`, else ``ValueError`` naming it."""
-    if path not in PATHS:
-        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-    return path
 
 
 def gather_columns(a: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

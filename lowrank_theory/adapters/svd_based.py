@@ -28,6 +28,7 @@ from torch import nn
 
 from ..linalg import derive_seed, random_basis, truncated_svd
 from .base import Adapter, check_rank, check_sizes, check_weight
+from .params import Float, Int, Seed, schema
 from .registry import register
 
 __all__ = ["LoRASB", "LoRAXS", "SVFit", "check_matrix_weight", "orthonormal_frames"]
@@ -151,12 +152,13 @@ class LoRAXS(_FrozenFramesCore):
     """
 
     name = "lora_xs"
+    params = schema(rank=Int(1), alpha=Float(none_ok=True, doc="scale numerator; None means alpha = rank"),
+                    seed=Seed(doc="seed of the frozen orthonormal frames"))
 
     def __init__(self, d_out: int, d_in: int, rank: int = 8, alpha: float | None = None, seed: int = 0) -> None:
         check_rank(rank, *check_sizes(d_out, d_in))
         alpha, scale = _scale(alpha, rank)
         super().__init__(d_out, d_in, rank, scale, seed, "lora_xs")
-        self._config = dict(rank=rank, alpha=alpha, seed=seed)
 
     @classmethod
     def from_weight(
@@ -237,10 +239,10 @@ class LoRASB(_FrozenFramesCore):
     """
 
     name = "lora_sb"
+    params = schema(rank=Int(1), seed=Seed(doc="seed of the frozen orthonormal frames"))
 
     def __init__(self, d_out: int, d_in: int, rank: int = 8, seed: int = 0) -> None:
         super().__init__(d_out, d_in, rank, 1.0, seed, "lora_sb")
-        self._config = dict(rank=rank, seed=seed)
 
     @classmethod
     def from_gradient(
@@ -303,6 +305,7 @@ class LoRASB(_FrozenFramesCore):
         ad._set_frames(U, Vh, base_weight.dtype)
         with torch.no_grad():
             ad.R.copy_(torch.diag(S).to(base_weight.dtype))
+        ad.identity_at_init = keep_output  # else the layer starts at W0 + [-ηG]_r by design
         if keep_output:
             acc = _acc(base_weight.dtype)
             new_base = (base_weight.to(acc) - ad.delta_weight().detach().to(acc)).to(base_weight.dtype)
@@ -349,12 +352,12 @@ class SVFit(Adapter):
     """
 
     name = "svfit"
+    params = schema(rank=Int(1), seed=Seed(doc="seed of the frozen orthonormal frames"))
 
     def __init__(self, d_out: int, d_in: int, rank: int = 8, seed: int = 0) -> None:
         super().__init__(d_out, d_in)
         check_rank(rank, d_out, d_in)
         self.rank = rank
-        self._config = dict(rank=rank, seed=seed)
         U, Vh = orthonormal_frames(d_out, d_in, rank, seed, "svfit")
         self.register_buffer("U", U)
         self.register_buffer("Vh", Vh)

@@ -25,7 +25,10 @@ from torch import nn
 from ..linalg.tucker import tucker_to_tensor
 from .base import Adapter, check_sizes
 from .conv import ConvGeometry, conv2d_delta
+from .params import Float, Int, IntOrInts, Seed, schema
 from .registry import register
+
+_SEED = Seed(none_ok=True, doc="seed of the trainable init; None uses torch's global RNG")
 
 __all__ = ["FLoRA", "FLoRAConv2d", "TLoRA", "balanced_factors", "tt_apply", "tt_core_shapes", "tt_dense"]
 
@@ -52,16 +55,9 @@ def _check_ranks(ranks: Any, dims: tuple[int, ...], labels: tuple[str, ...]) -> 
     return out
 
 
-def _check_scale(scale: Any) -> float:
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite real number, got {scale!r}")
-    return float(scale)
-
-
 def _generator(seed: int | None) -> torch.Generator | None:
-    if seed is None:
-        return None
-    return torch.Generator().manual_seed(_check_int(seed, "seed", lo=0))
+    """A CPU generator for a seed validated by ``params`` (None: torch's global RNG)."""
+    return None if seed is None else torch.Generator().manual_seed(seed)
 
 
 # ----------------------------------------------------------------------------- tensor trains
@@ -137,7 +133,7 @@ class _TuckerUpdate(Adapter):
 
     def _init_tucker(self, dims: tuple[int, ...], ranks: Any, scale: Any, seed: int | None) -> None:
         self.ranks = _check_ranks(ranks, dims, self._labels)
-        self.scale = _check_scale(scale)
+        self.scale = scale
         g = _generator(seed)
         self.core = nn.Parameter(torch.zeros(self.ranks))
         # kaiming_normal_(a=sqrt(3)) on a (dim, r) factor, as the reference code: std = 1/sqrt(2 r)
@@ -187,12 +183,13 @@ class FLoRA(_TuckerUpdate):
 
     name = "flora"
     _labels = ("d_out", "d_in")
+    params = schema(ranks=IntOrInts(1, doc="core shape (r1, r2), an int is clipped to each side"),
+              scale=Float(doc="s"), seed=_SEED)
 
     def __init__(self, d_out: int, d_in: int, ranks: int | Sequence[int] = 8, scale: float = 1.0,
-                 seed: int | None = None) -> None:
+                 seed: int | None = 0) -> None:
         super().__init__(d_out, d_in)
         self._init_tucker((d_out, d_in), ranks, scale, seed)
-        self._config = dict(ranks=self.ranks, scale=self.scale, seed=seed)
 
     @classmethod
     def param_count(cls, d_out: int, d_in: int, ranks: int | Sequence[int] = 8, **_: Any) -> int:
@@ -251,13 +248,15 @@ class FLoRAConv2d(_TuckerUpdate):
 
     name = "flora_conv2d"
     _labels = ("d_out", "d_in", "kh", "kw")
+    params = schema(kernel_size=IntOrInts(1, doc="(kh, kw), or one int for both"),
+              ranks=IntOrInts(1, doc="core shape (r_out, r_in, r_h, r_w), an int is clipped to each mode"),
+              scale=Float(doc="s"), seed=_SEED)
 
     def __init__(self, d_out: int, d_in: int, kernel_size: int | Sequence[int] = 3,
-                 ranks: int | Sequence[int] = 4, scale: float = 1.0, seed: int | None = None) -> None:
+                 ranks: int | Sequence[int] = 4, scale: float = 1.0, seed: int | None = 0) -> None:
         super().__init__(d_out, d_in)
         self.kernel_size = self._check_kernel_size(kernel_size)
         self._init_tucker((d_out, d_in, *self.kernel_size), ranks, scale, seed)
-        self._config = dict(kernel_size=self.kernel_size, ranks=self.ranks, scale=self.scale, seed=seed)
 
     @staticmethod
     def _check_kernel_size(kernel_size: Any) -> tuple[int, int]:
@@ -364,12 +363,14 @@ class TLoRA(Adapter):
     name = "tlora"
     needs_base = True
     multiplicative = True
+    params = schema(transform_rank=Int(1, doc="TT rank of the transform's update"),
+              residual_rank=Int(1, doc="TT rank of the residual"),
+              n_cores=Int(1, doc="number of TT cores"), seed=_SEED)
 
     def __init__(self, d_out: int, d_in: int, transform_rank: int = 2, residual_rank: int = 2,
-                 n_cores: int = 2, seed: int | None = None) -> None:
+                 n_cores: int = 2, seed: int | None = 0) -> None:
         super().__init__(d_out, d_in)
         shapes_t, shapes_r = self._core_shapes(d_out, d_in, transform_rank, residual_rank, n_cores)
-        self._config = dict(transform_rank=transform_rank, residual_rank=residual_rank, n_cores=n_cores, seed=seed)
         g = _generator(seed)
         self.transform_cores = nn.ParameterList(self._init_cores(shapes_t, g))
         self.residual_cores = nn.ParameterList(self._init_cores(shapes_r, g))
@@ -421,22 +422,13 @@ class TLoRA(Adapter):
         W0 = self._require_base(base_weight)
         return self.transform_update() @ W0.to(self.residual_cores[0].dtype) + self.residual()
 
-    def _acc(self, like: torch.Tensor) -> torch.dtype:
-        return torch.promote_types(torch.promote_types(like.dtype, self.residual_cores[0].dtype), torch.float32)
+    def _merge(self, base_weight: torch.Tensor) -> torch.Tensor:
+        W = self._require_base(base_weight)
+        return W + self.transform_update() @ W + self.residual()
 
-    @torch.no_grad()
-    def merged_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
-        W0 = self._require_base(base_weight)
-        acc = self._acc(W0)
-        W = W0.to(acc)
-        return (W + self.transform_update().to(acc) @ W + self.residual().to(acc)).to(W0.dtype)
-
-    @torch.no_grad()
-    def unmerged_weight(self, merged_weight: torch.Tensor) -> torch.Tensor:
-        acc = self._acc(merged_weight)
-        T = torch.eye(self.d_out, dtype=acc, device=merged_weight.device) + self.transform_update().to(acc)
-        rhs = merged_weight.to(acc) - self.residual().to(acc)
-        W0, info = torch.linalg.solve_ex(T, rhs)
+    def _unmerge(self, merged_weight: torch.Tensor) -> torch.Tensor:
+        T = torch.eye(self.d_out, dtype=merged_weight.dtype, device=merged_weight.device) + self.transform_update()
+        W0, info = torch.linalg.solve_ex(T, merged_weight - self.residual())
         if int(info) != 0:
             raise ValueError("the transform T = I + ΔT is singular: W0 cannot be recovered (cannot unmerge)")
-        return W0.to(merged_weight.dtype)
+        return W0

@@ -437,10 +437,38 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def merge(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight (:meth:`AdaptedLinear.merge`); return ``model``."""
-    for layer in _require_layers(model).values():
-        layer.merge()
+def merge(model: nn.Module, *, safe: bool = True) -> nn.Module:
+    """Fold the active adapters of every adapted layer into its base weight; return ``model``.
+
+    Parameters
+    ----------
+    model : nn.Module
+    safe : bool, default True
+        First compute every layer's merged weight and check it is finite (then discard it), and only
+        then write any: a non-finite update in one layer raises ``ValueError`` naming it and leaves the
+        whole model bit-identical.  This costs one extra evaluation of each ΔW and no extra memory
+        beyond one layer's weight.  ``safe=False`` writes layer by layer without checking.
+
+    Notes
+    -----
+    Each layer's merge computes ΔW and the sum in float32 or better and rounds once
+    (:meth:`~lowrank_theory.adapters.Adapter.merged_weight`).
+    """
+    layers = _require_layers(model)
+    if safe:
+        for name, layer in layers.items():
+            if not layer.merged:
+                w, b = layer.merged_weights()
+                bad = [k for k, t in (("weight", w), ("bias", b))
+                       if t is not None and not bool(torch.isfinite(t).all())]
+                if bad:
+                    raise ValueError(
+                        f"merging layer {name!r} gives a non-finite {' and '.join(bad)} (NaN/Inf in its adapter or an "
+                        f"overflow of {w.dtype}); no layer was changed"
+                    )
+                del w, b
+    for layer in layers.values():
+        layer.merge(safe=False)
     return model
 
 

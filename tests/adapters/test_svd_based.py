@@ -264,8 +264,10 @@ def test_bad_inputs_name_the_argument():
         LoRAXS.from_weight(W, rank=6)
     with pytest.raises(ValueError, match="alpha"):
         adapters.create("lora_xs", 6, 5, rank=2, alpha=float("inf"))
-    with pytest.raises(TypeError, match="seed"):
+    with pytest.raises(ValueError, match="seed"):
         adapters.create("svfit", 6, 5, rank=2, seed=-1)
+    with pytest.raises(TypeError, match="seed"):
+        adapters.create("svfit", 6, 5, rank=2, seed=1.5)
     G = _gradient(W)
     with pytest.raises(ValueError, match="grad must have base_weight's shape"):
         LoRASB.from_gradient(G[:, :4], 2, base_weight=W)

@@ -73,7 +73,7 @@ def test_roundtrip_inject_true_minilm(tmp_path):
     save_adapters(model, tmp_path)
     loaded = load_adapters(base, tmp_path, inject=True)
     assert loaded is base and len(adapted_layers(base)) == 12
-    assert all(not p.requires_grad for n, p in base.named_parameters() if ".adapter." not in n)
+    assert all(not p.requires_grad for n, p in base.named_parameters() if ".adapters." not in n)
     torch.testing.assert_close(output(base, minilm_inputs()), y, **EXACT)
 
 

@@ -187,7 +187,7 @@ def test_classification_task_head_and_pooling():
     task.unfreeze_head()
     trainable = {n for n, p in clf.named_parameters() if p.requires_grad}
     assert {"classifier.weight", "classifier.bias"} <= trainable
-    assert all(n.startswith("classifier.") or ".adapter." in n for n in trainable)
+    assert all(n.startswith("classifier.") or ".adapters." in n for n in trainable)
     metrics = task.eval_fn(clf, task.test)
     assert 0.0 <= metrics["accuracy"] <= 1.0 and np.isfinite(metrics["loss"])
     with pytest.raises(ValueError, match="num_labels"):

@@ -180,7 +180,7 @@ def test_one_step_changes_only_adapters():
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     adapter_names = {n for n, p in model.named_parameters() if id(p) in adapter_ids}
     assert changed and changed <= adapter_names
-    assert any(n.endswith(".adapter.B") for n in changed)  # B gets a gradient at B = 0
+    assert any(n.endswith(".adapters.default.B") for n in changed)  # B gets a gradient at B = 0
     assert all(p.grad is None for n, p in model.named_parameters() if n not in adapter_names)
 
 
