@@ -1,13 +1,7 @@
-"""Shared fixtures: backends, named tolerances, hypothesis profiles.
+"""Shared fixtures: backends, hypothesis profiles; the named tolerances come from the package.
 
-Tolerances are named per dtype here and nowhere else.  Why these sizes:
-  * float64: unit round-off 1.1e-16.  Factorizations of well-conditioned n <= 256 matrices
-    lose at most ~n·eps·cond in backward error; 1e-10 relative leaves 3+ orders of margin
-    while still failing on any genuine algorithmic error (which shows at 1e-3 or larger).
-  * float32: unit round-off 6e-8; the same argument gives ~1e-5 with margin; we use 2e-4
-    relative because FFT-based paths and randomized methods chain several products.
-  * half precision (fp16 / bf16, 3 and 2 significant decimal digits): merges are compared
-    to the float32 result at 2e-2 / 5e-2 relative: one rounding of the output dominates.
+Tolerances are named per dtype in :mod:`lowrank_theory.testing.tolerances` (the public checker's and
+our tests' one definition, with why each has its size) and re-exported here as ``TOL`` / ``tol``.
 """
 
 from __future__ import annotations
@@ -20,19 +14,9 @@ import torch
 from hypothesis import HealthCheck, settings
 
 from lowrank_theory import backend as B
+from lowrank_theory.testing.tolerances import TOL, tol
 
-TOL = {
-    "float64": dict(rtol=1e-10, atol=1e-10),
-    "float32": dict(rtol=2e-4, atol=2e-5),
-    "float16": dict(rtol=2e-2, atol=2e-3),
-    "bfloat16": dict(rtol=5e-2, atol=1e-2),
-}
-
-
-def tol(dtype) -> dict:
-    """The named tolerance for ``dtype`` (numpy/torch dtype or its name)."""
-    return TOL[str(dtype).rsplit(".", 1)[-1]]
-
+__all__ = ["TOL", "tol"]
 
 settings.register_profile(
     "ci",

@@ -1,32 +1,28 @@
-"""The adapter contract, written once; each method's test class subclasses it.
+"""The adapter contract, run by :mod:`lowrank_theory.testing`'s public checker; each method's test class subclasses it.
 
-A subclass sets ``name`` and ``cfg`` (and ``shapes`` if the method restricts sizes) and,
-for methods built from the frozen weight, overrides :meth:`AdapterContract.make`.
-Every invariant of ``design.md`` ("Adapter") is then checked for that method:
-identity at init, structured forward == dense formula, merge/unmerge/disable,
-parameter count, gradients only on adapter tensors, gradcheck, half precision,
-safetensors state round trip and bad-input errors.
+A subclass sets ``name`` and ``cfg`` (and ``shapes`` if the method restricts sizes) and, for methods built
+from the frozen weight, overrides :meth:`AdapterContract.make`.  Every check of
+``lowrank_theory.testing.CHECKS`` (identity at init, structured forward == dense formula, merge, unmerge,
+disable, safe merge, half precision, state and config round trips, determinism, parameter count,
+gradients, gradcheck, bad inputs) then runs on that configuration, one test per check -- the same
+checker users run on their own adapters.  The helpers below are shared by the method-specific tests.
 
-Tolerances come from ``tests/conftest.py`` (float64: 1e-10 relative -- every path is a
-short chain of products/FFTs of O(1) numbers, so round-off is ~1e-14).
+Tolerances come from :mod:`lowrank_theory.testing.tolerances` (float64: 1e-10 relative).
 """
 
 from __future__ import annotations
 
-import io
 from typing import Any, ClassVar
 
 import pytest
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from torch import nn
 
 from lowrank_theory import adapters
 from lowrank_theory.adapters import AdaptedLinear, Adapter
-from tests.conftest import tol
+from lowrank_theory.testing import CHECKS, AdaptedLinearView, check_adapter
+from lowrank_theory.testing.strategies import shapes as shape_strategy
 
 
 def relerr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -79,14 +75,10 @@ class AdapterContract:
 
     name: ClassVar[str] = ""
     cfg: ClassVar[dict[str, Any]] = {}
-    #: (d_out, d_in) pairs used by the deterministic tests; include non-square, non-2^k.
+    #: (d_out, d_in) pairs used by the checks; include non-square, non-2^k.
     shapes: ClassVar[list[tuple[int, int]]] = [(12, 20), (17, 9)]
-    #: hypothesis draws sizes in [lo, hi]
+    #: hypothesis draws sizes in [lo, hi] for the forward check
     size_range: ClassVar[tuple[int, int]] = (4, 24)
-    #: False for methods that cannot run in fp16 on CPU (e.g. FFT paths); bf16 still tried.
-    half_ok: ClassVar[bool] = True
-    #: gradcheck on the trainable parameters (float64, small sizes)
-    gradcheck_ok: ClassVar[bool] = True
 
     # ------------------------------------------------------------------ hooks
     def make(self, d_out: int, d_in: int, dtype=torch.float64, seed: int = 0):
@@ -95,10 +87,19 @@ class AdapterContract:
         ad = adapters.create(self.name, d_out, d_in, **self.cfg).to(dtype)
         return ad, base
 
-    def cfg_for_count(self) -> dict[str, Any]:
-        return dict(self.cfg)
+    def factory(self):
+        """``factory(d_out, d_in, dtype)`` for the checker: :meth:`make`'s layer, with the weights it was
+        built from (the same seeded base) as the reference of identity at init."""
 
-    # ------------------------------------------------------------------ helpers
+        def build(d_out, d_in, dtype):
+            original = make_base(d_out, d_in, dtype)
+            ad, base = self.make(d_out, d_in, dtype)
+            return AdaptedLinearView(AdaptedLinear(base, ad), (original.weight.detach(), original.bias.detach()))
+
+        build.__name__ = f"{type(self).__name__}({self.name})"
+        return build
+
+    # ------------------------------------------------------------------ helpers for method-specific tests
     def _layer(self, d_out, d_in, dtype=torch.float64, seed=0, randomize=True):
         ad, base = self.make(d_out, d_in, dtype, seed)
         if randomize:
@@ -114,123 +115,24 @@ class AdapterContract:
     def test_registered(self):
         assert self.name in adapters.names()
 
-    def test_identity_at_init(self):
-        for d_out, d_in in self.shapes:
-            layer = self._layer(d_out, d_in, randomize=False)
-            if not type(layer.adapter).identity_at_init:
-                pytest.skip(f"{self.name} is not identity at init by design")
-            dw = layer.adapter.delta_weight(layer.weight) if layer.adapter.needs_base else layer.adapter.delta_weight()
-            assert float(dw.detach().abs().max()) <= 1e-12 * max(1.0, float(layer.weight.abs().max()))
-            x = self._x(d_in)
-            torch.testing.assert_close(layer(x), layer.base(x), **tol(torch.float64))
-
-    def _check_forward_matches_dense(self, d_out, d_in):
-        layer = self._layer(d_out, d_in)
-        ad = layer.adapter
-        x = self._x(d_in)
-        W0 = layer.weight
-        dw = ad.delta_weight(W0) if ad.needs_base else ad.delta_weight()
-        assert dw.shape == (d_out, d_in)
-        assert float(dw.detach().norm()) > 0, "randomized adapter should have ΔW ≠ 0"
-        dense = x @ (W0 + dw).T + layer.bias
-        assert relerr(layer(x), dense) < 1e-10
-        if not ad.multiplicative:
-            structured = ad(x, W0) if ad.needs_base else ad(x)
-            assert relerr(structured, x @ dw.T) < 1e-10
-
-    def test_forward_matches_dense(self):
-        for d_out, d_in in self.shapes:
-            self._check_forward_matches_dense(d_out, d_in)
+    @pytest.mark.parametrize("check", list(CHECKS))
+    def test_invariant(self, check):
+        result = check_adapter(self.factory(), checks=[check], shapes=self.shapes, raise_on_failure=False)[check]
+        if result.status == "skipped":
+            pytest.skip(result.message)
+        assert result.status == "passed", f"{check}: {result.message} {result.numbers}"
 
     def test_forward_matches_dense_hypothesis(self):
         lo, hi = self.size_range
 
         @settings(max_examples=8)
-        @given(st.integers(lo, hi), st.integers(lo, hi))
-        def check(d_out, d_in):
-            self._check_forward_matches_dense(d_out, d_in)
+        @given(shape_strategy(lo, hi))
+        def check(shape):
+            res = check_adapter(self.factory(), checks=["forward_matches_dense"], shapes=[shape],
+                                raise_on_failure=False)["forward_matches_dense"]
+            assert res.status == "passed", f"{shape}: {res.message}"
 
         check()
-
-    def test_merge_unmerge_disable(self):
-        for d_out, d_in in self.shapes:
-            layer = self._layer(d_out, d_in)
-            x = self._x(d_in)
-            W0 = layer.weight.detach().clone()
-            b0 = None if layer.bias is None else layer.bias.detach().clone()
-            y = layer(x)
-            with layer.disable_adapter():
-                torch.testing.assert_close(layer(x), layer.base(x), rtol=0, atol=0)
-            layer.merge()
-            assert layer.merged
-            assert relerr(layer(x), y) < 1e-10
-            layer.unmerge()
-            assert not layer.merged
-            assert relerr(layer.weight, W0) < 1e-12
-            if b0 is not None:
-                assert relerr(layer.bias, b0) < 1e-12
-            assert relerr(layer(x), y) < 1e-10
-
-    def test_param_count(self):
-        for d_out, d_in in self.shapes:
-            layer = self._layer(d_out, d_in, randomize=False)
-            expected = type(layer.adapter).param_count(d_out, d_in, **self.cfg_for_count())
-            assert layer.adapter.num_trainable == expected
-
-    def test_only_adapter_trainable_and_grads_flow(self):
-        d_out, d_in = self.shapes[0]
-        layer = self._layer(d_out, d_in)
-        assert not any(p.requires_grad for p in layer.base.parameters())
-        loss = layer(self._x(d_in)).pow(2).sum()
-        loss.backward()
-        trainable = [p for p in layer.adapter.parameters() if p.requires_grad]
-        assert trainable, "an adapter must have trainable parameters"
-        assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in trainable)
-        assert all(p.grad is None for p in layer.base.parameters())
-
-    def test_gradcheck(self):
-        if not self.gradcheck_ok:
-            pytest.skip(f"{self.name}: parameters are not differentiable inputs")
-        d_out, d_in = 6, 5
-        layer = self._layer(d_out, d_in)
-        params = [p for p in layer.adapter.parameters() if p.requires_grad]
-        x = self._x(d_in, batch=(2,))
-
-        names = [n for n, p in layer.named_parameters() if p.requires_grad]
-
-        def f(*ps):
-            return torch.func.functional_call(layer, dict(zip(names, ps)), (x,))
-
-        inputs = tuple(p.detach().clone().requires_grad_(True) for p in params)
-        assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
-
-    @pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
-    def test_half_precision_merge(self, half):
-        if half == torch.float16 and not self.half_ok:
-            pytest.skip(f"{self.name}: fp16 not supported on CPU for this method")
-        d_out, d_in = self.shapes[0]
-        ref = self._layer(d_out, d_in, dtype=torch.float32)
-        low = self._layer(d_out, d_in, dtype=torch.float32)
-        low.load_state_dict(ref.state_dict())
-        low = low.to(half)
-        x = self._x(d_in, dtype=torch.float32)
-        y_ref = ref(x)
-        y_low = low(x.to(half))
-        assert y_low.dtype == half
-        assert torch.isfinite(y_low).all()
-        assert relerr(y_low.float(), y_ref) < 10 * tol(half)["rtol"]
-        ref.merge()
-        low.merge()
-        assert relerr(low.weight.float(), ref.weight) < tol(half)["rtol"]
-
-    def test_state_dict_safetensors_roundtrip(self):
-        d_out, d_in = self.shapes[0]
-        a = self._layer(d_out, d_in, seed=0)
-        b = self._layer(d_out, d_in, seed=0, randomize=False)
-        blob = st_save({k: v.contiguous() for k, v in a.adapter.state_dict().items()})
-        b.adapter.load_state_dict(st_load(io.BytesIO(blob).getvalue()))
-        x = self._x(d_in)
-        torch.testing.assert_close(b(x), a(x), **tol(torch.float64))
 
     def test_bad_sizes(self):
         cls = adapters.get(self.name)
@@ -238,11 +140,3 @@ class AdapterContract:
             cls(0, 8, **self.cfg)
         with pytest.raises((ValueError, TypeError)):
             cls(8, -3, **self.cfg)
-
-    def test_wrong_input_width(self):
-        d_out, d_in = self.shapes[0]
-        layer = self._layer(d_out, d_in)
-        ad = layer.adapter
-        bad = self._x(d_in + 1)
-        with pytest.raises(ValueError, match="d_in"):
-            ad(bad, layer.weight) if ad.needs_base else ad(bad)
