@@ -135,6 +135,31 @@ def test_derive_seed_is_deterministic_and_distinct():
     assert abs(np.corrcoef(b1, b2)[0, 1]) < 0.6  # independent draws (|r| < 0.6 has p > 1 - 1e-5 at n=50)
 
 
+def test_derive_seed_for_string_keys_is_the_same_in_every_process():
+    """Frozen random bases are rebuilt from derive_seed(seed, layer_name) when a checkpoint loads, often in
+    a new process: the string key must not go through Python's per-process salted hash()."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    key = "encoder.layer.0.attention.self.query"
+    code = ("from lowrank_theory.linalg import derive_seed, random_basis; "
+            f"print(derive_seed(7, {key!r}, 2), "
+            f"float(random_basis((3,), 'gaussian', seed=derive_seed(7, {key!r}))[0]))")
+    outs = set()
+    for hash_seed in ("0", "1", "12345", "random"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        outs.add(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                check=True).stdout.strip())
+    here = f"{derive_seed(7, key, 2)} {float(random_basis((3,), 'gaussian', seed=derive_seed(7, key))[0])}"
+    assert outs == {here}
+    # the documented construction, restated: SHA-256's first 8 bytes (little-endian) as the spawn key
+    k = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "little")
+    ref = np.random.SeedSequence(7, spawn_key=(k, 2)).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1)
+    assert derive_seed(7, key, 2) == int(ref)
+
+
 # ----------------------------------------------------------------------------- validation
 @pytest.mark.parametrize(
     ("kwargs", "exc", "match"),

@@ -419,3 +419,21 @@ def test_auto_path_rule_agrees_with_the_op_model(method, m, n, c):
         s = cx.cost(method, T, n, m, pass_="fwd+bwd", path="structured", n_frequency=c)
         d = cx.cost(method, T, n, m, pass_="fwd+bwd", path="dense", n_frequency=c)
         assert (d.flops < s.flops) == prefers_dense(T, m, n, c), (T, d.flops / s.flops)
+
+
+@pytest.mark.parametrize(("method", "path"), [("fourierft", "structured"), ("loca", "structured"),
+                                              ("fourierft", "dense")])
+def test_fft_flops_are_absolute_not_only_ratios(method, path):
+    """The model's FFT kernels cost 5 N log2 N per complex transform of length N and half that per real one.
+
+    Checked as absolute numbers: a real FFT costed as a complex one (2x its flops) fails here, where a
+    ratio between two methods that share the mistake would not.
+    """
+    T, n, m = 8, 32, 16
+    ops = {o.name: o.flops for o in cx.cost(method, T, n, m, n_frequency=10, path=path).ops
+           if "fft" in o.name}
+    real = lambda N, rows: 2.5 * N * math.log2(N) * rows  # noqa: E731 - the formula, written once
+    if path == "structured":  # x -> rfft (length n, T rows); z -> irfft (length m, T rows)
+        assert ops == {"rfft": real(n, T), "irfft": real(m, T)}
+    else:  # irfft2 of the (m, n/2+1) half spectrum: complex ifft down the columns, then real irfft of the rows
+        assert ops == {"irfft2_cols": 2 * real(m, n // 2 + 1), "irfft2_rows": real(n, m)}
