@@ -24,7 +24,39 @@ from .base import Adapter, check_rank
 from .random_basis import _check_dropout, _check_float, _check_int
 from .registry import register
 
-__all__ = ["UniLoRA", "UniLoRAShared"]
+__all__ = ["INDEX_RULES", "UniLoRA", "UniLoRAShared", "balanced_indices"]
+
+#: How :meth:`UniLoRAShared.finalize` assigns the rows of P to columns when no indices are given.
+INDEX_RULES = ("isometric", "balanced")
+
+
+def balanced_indices(D: int, d: int, seed: int) -> np.ndarray:
+    r"""PEFT 0.21's Uni-LoRA column assignment, balanced: each column is used ⌊D/d⌋ or ⌈D/d⌉ times.
+
+    A balanced alternative to :func:`~lowrank_theory.linalg.isometric_projection` (which draws
+    columns i.i.d.); both give :math:`P^\top P = I_d` once the rows are scaled by
+    :math:`1/\sqrt{n_j}`.
+
+    Parameters
+    ----------
+    D, d : int
+        Rows (the model's LoRA parameter count) and columns (``theta_d_length``), ``1 <= d <= D``.
+    seed : int
+        PEFT's ``proj_seed``.
+
+    Returns
+    -------
+    numpy.ndarray of int64, shape (D,)
+        :math:`j(i)`: ``repeat(arange(d), D // d)``, then ``D mod d`` distinct extra columns
+        drawn without replacement, the whole shuffled, all by ``numpy.random.default_rng(seed)``
+        (``UniLoraModel.generate_index``), so a PEFT Uni-LoRA model is rebuilt from its seed.
+    """
+    rng = np.random.default_rng(seed)
+    data = np.repeat(np.arange(d), D // d)
+    if D % d:
+        data = np.concatenate([data, rng.choice(d, size=D % d, replace=False)])
+    rng.shuffle(data)
+    return data.astype(np.int64)
 
 
 class UniLoRAShared(nn.Module):
@@ -41,6 +73,9 @@ class UniLoRAShared(nn.Module):
     init_bound : float, default 0.02
         :math:`\theta_d \sim U(-b, b)` (PEFT's ``init_theta_d_bound``; the authors' code draws
         their vector bank the same way).
+    index_rule : {"isometric", "balanced"}, default "isometric"
+        The column assignment :meth:`finalize` builds without explicit indices:
+        :func:`~lowrank_theory.linalg.isometric_projection` or PEFT's :func:`balanced_indices`.
 
     Notes
     -----
@@ -59,18 +94,21 @@ class UniLoRAShared(nn.Module):
     The column assignment is :func:`~lowrank_theory.linalg.isometric_projection`'s (i.i.d.
     uniform columns, as in the paper, plus one guaranteed row per column so that
     :math:`P^\top P = I_d` exactly).  PEFT 0.21 instead deals the columns out evenly
-    (each used :math:`\lfloor D/d\rfloor` or :math:`\lceil D/d\rceil` times); pass its indices to
-    :meth:`finalize` to reproduce a PEFT model exactly.
+    (each used :math:`\lfloor D/d\rfloor` or :math:`\lceil D/d\rceil` times); ``index_rule="balanced"``
+    rebuilds those from the seed, or pass its indices to :meth:`finalize`.
 
     When a model holds several layers, every :class:`UniLoRA` lists this module as a child, so
     ``model.parameters()`` yields :math:`\theta_d` once, but ``model.state_dict()`` repeats it
     under each layer's prefix (same tensor); save ``shared.state_dict()`` once instead.
     """
 
-    def __init__(self, d: int, seed: int = 0, init_bound: float = 0.02) -> None:
+    def __init__(self, d: int, seed: int = 0, init_bound: float = 0.02, index_rule: str = "isometric") -> None:
         super().__init__()
         self.d = _check_int(d, "d")
         self.seed = _check_int(seed, "seed", lo=0)
+        if index_rule not in INDEX_RULES:
+            raise ValueError(f"index_rule must be one of {', '.join(map(repr, INDEX_RULES))}, got {index_rule!r}")
+        self.index_rule = index_rule
         self.init_bound = _check_float(init_bound, "init_bound")
         if self.init_bound < 0:
             raise ValueError(f"init_bound must be >= 0, got {self.init_bound}")
@@ -129,8 +167,10 @@ class UniLoRAShared(nn.Module):
             raise ValueError(
                 f"d must be <= D (the total LoRA parameter count of the attached layers), got d={self.d}, D={self.D}"
             )
-        if indices is None:
+        if indices is None and self.index_rule == "isometric":
             proj = isometric_projection(self.D, self.d, self.seed)
+        elif indices is None:
+            proj = IsometricProjection(balanced_indices(self.D, self.d, self.seed), self.d)
         else:
             idx = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices)
             if idx.shape != (self.D,):
@@ -154,7 +194,8 @@ class UniLoRAShared(nn.Module):
         return self.gather(0, self.D)
 
     def extra_repr(self) -> str:
-        return f"d={self.d}, D={self.D}, layers={len(self.slots)}, finalized={self.finalized}"
+        rule = "" if self.index_rule == "isometric" else f", index_rule={self.index_rule!r}"
+        return f"d={self.d}, D={self.D}, layers={len(self.slots)}, finalized={self.finalized}{rule}"
 
 
 @register
@@ -177,6 +218,9 @@ class UniLoRA(Adapter):
         Seed for a private ``shared``.
     init_bound : float, default 0.02
         θ_d's init bound for a private ``shared``.
+    index_rule : {"isometric", "balanced"}, default "isometric"
+        Column assignment of a private ``shared`` (see :class:`UniLoRAShared`); recorded in
+        ``config()`` only when not the default.
     scale : float, default 1.0
         s (PEFT and the authors' code apply no LoRA scale).
     dropout : float
@@ -217,6 +261,7 @@ class UniLoRA(Adapter):
         init_bound: float = 0.02,
         scale: float = 1.0,
         dropout: float = 0.0,
+        index_rule: str = "isometric",
     ) -> None:
         super().__init__(d_out, d_in)
         check_rank(rank, d_out, d_in)
@@ -224,7 +269,7 @@ class UniLoRA(Adapter):
         dropout = _check_dropout(dropout)
         private = shared is None
         if private:
-            shared = UniLoRAShared(d, seed=seed, init_bound=init_bound)
+            shared = UniLoRAShared(d, seed=seed, init_bound=init_bound, index_rule=index_rule)
         elif not isinstance(shared, UniLoRAShared):
             raise TypeError(f"shared must be a UniLoRAShared, got {type(shared).__name__}")
         self.rank = rank
@@ -236,6 +281,8 @@ class UniLoRA(Adapter):
         self._config = dict(
             rank=rank, d=shared.d, seed=shared.seed, init_bound=shared.init_bound, scale=self.scale, dropout=dropout
         )
+        if shared.index_rule != "isometric":
+            self._config["index_rule"] = shared.index_rule
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     @classmethod

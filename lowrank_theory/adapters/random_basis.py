@@ -10,7 +10,10 @@ All three freeze seeded random matrices and train only a few coefficients on the
   \operatorname{diag}(\gamma_i)`, :math:`N = \lceil \min(m,n)/r\rceil`, so the sum reaches full rank.
 
 The frozen matrices are **non-persistent buffers** regenerated from the seed kept in
-``config()``: a state dict holds only the trainable vectors.  Every forward applies the factors
+``config()``: a state dict holds only the trainable vectors.  VeRA and RandLoRA also take
+``persistent_basis=True`` for a frozen basis that no seed reproduces (one read from a PEFT
+adapter): the same init, but the buffers are the layer's own copies and are kept in the state
+dict, so a checkpoint stores them and ``load_state_dict`` overwrites them.  Every forward applies the factors
 to the activations and never forms the :math:`m \times n` update.
 
 Sources of randomness.  VeRA uses PEFT's own recipe (a seeded ``torch.Generator``, Kaiming-uniform
@@ -82,6 +85,18 @@ def _check_basis_shape(basis_shape: Any, d_out: int, d_in: int) -> tuple[int, in
 
 def _as_default_float(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.get_default_dtype())
+
+
+def _check_persistent(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"persistent_basis must be a bool, got {type(value).__name__}")
+    return value
+
+
+def _register_basis(module: nn.Module, name: str, tensor: torch.Tensor, persistent: bool) -> None:
+    # A persistent basis is written in place by load_state_dict: give the layer its own copy,
+    # never a view of the cached shared tensors.
+    module.register_buffer(name, tensor.clone() if persistent else tensor, persistent=persistent)
 
 
 # ----------------------------------------------------------------------------- shared bases
@@ -186,6 +201,9 @@ class VeRA(Adapter):
         Layers slice ``A[:, :n]`` and ``B[:m, :]`` from one pair of that size.
     dropout : float
         Dropout on the update's input.
+    persistent_basis : bool, default False
+        Keep this layer's slice of the pair as persistent buffers (in the state dict), for a
+        pair that ``seed`` does not reproduce; recorded in ``config()`` only when True.
 
     Notes
     -----
@@ -213,6 +231,7 @@ class VeRA(Adapter):
         seed: int = 0,
         basis_shape: tuple[int, int] | None = None,
         dropout: float = 0.0,
+        persistent_basis: bool = False,
     ) -> None:
         super().__init__(d_out, d_in)
         rank = _check_int(rank, "rank")
@@ -220,11 +239,14 @@ class VeRA(Adapter):
         seed = _check_int(seed, "seed", lo=0)
         shape = _check_basis_shape(basis_shape, d_out, d_in)
         dropout = _check_dropout(dropout)
+        persistent = _check_persistent(persistent_basis)
         self.rank = rank
         self._config = dict(rank=rank, d_initial=d_initial, seed=seed, basis_shape=shape, dropout=dropout)
+        if persistent:
+            self._config["persistent_basis"] = True
         A, B = vera_basis(seed, rank, shape)
-        self.register_buffer("vera_A", _as_default_float(A[:, :d_in]), persistent=False)
-        self.register_buffer("vera_B", _as_default_float(B[:d_out, :]), persistent=False)
+        _register_basis(self, "vera_A", _as_default_float(A[:, :d_in]), persistent)
+        _register_basis(self, "vera_B", _as_default_float(B[:d_out, :]), persistent)
         self.b = nn.Parameter(torch.zeros(d_out))
         self.d = nn.Parameter(torch.full((rank,), d_initial))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -370,6 +392,10 @@ class RandLoRA(Adapter):
         The largest ``(d_out, d_in)`` over the layers sharing the bases; default this layer's.
     dropout : float
         Dropout on the update's input.
+    persistent_basis : bool, default False
+        Keep this layer's bases as persistent buffers (in the state dict), for bases that
+        ``seed`` does not reproduce (PEFT's, drawn by its own generator); recorded in
+        ``config()`` only when True.
 
     Notes
     -----
@@ -420,6 +446,7 @@ class RandLoRA(Adapter):
         shared_a: bool = True,
         basis_shape: tuple[int, int] | None = None,
         dropout: float = 0.0,
+        persistent_basis: bool = False,
     ) -> None:
         super().__init__(d_out, d_in)
         check_rank(rank, d_out, d_in)
@@ -431,6 +458,7 @@ class RandLoRA(Adapter):
             raise TypeError(f"shared_a must be a bool, got {type(shared_a).__name__}")
         shape = _check_basis_shape(basis_shape, d_out, d_in)
         dropout = _check_dropout(dropout)
+        persistent = _check_persistent(persistent_basis)
         p, q = min(d_out, d_in), max(d_out, d_in)
         self.rank, self.num_bases = rank, -(-p // rank)
         self.scale = alpha / rank
@@ -438,10 +466,12 @@ class RandLoRA(Adapter):
         self._config = dict(
             rank=rank, alpha=alpha, seed=seed, basis=basis, shared_a=shared_a, basis_shape=shape, dropout=dropout
         )
+        if persistent:
+            self._config["persistent_basis"] = True
         A, B = randlora_basis(seed, rank, shape, basis, shared_a)
         n = self.num_bases
-        self.register_buffer("randlora_A", _as_default_float(A[: 1 if shared_a else n, :, :p]), persistent=False)
-        self.register_buffer("randlora_B", _as_default_float(B[:q, :n, :]), persistent=False)
+        _register_basis(self, "randlora_A", _as_default_float(A[: 1 if shared_a else n, :, :p]), persistent)
+        _register_basis(self, "randlora_B", _as_default_float(B[:q, :n, :]), persistent)
         self.lam = nn.Parameter(torch.zeros(n, rank))
         self.gamma = nn.Parameter(torch.full((n, p), 1.0 / p))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
