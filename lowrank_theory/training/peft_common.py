@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..adapters import AdaptedLinear
-from .injection import InjectionPlan, find_targets, prepare
+from .injection import InjectionPlan, find_targets, is_linear, prepare
 
 __all__ = [
     "PEFT_CONFIG_NAME",
@@ -73,6 +73,8 @@ class PeftMethod:
     unsupported: tuple[str, ...] = ()
     #: the suffixes every layer must have (default: all of ``suffixes``)
     required: tuple[str, ...] | None = None
+    #: a file may hold no per-layer tensor at all (Uni-LoRA without indices): layers come from the config
+    targets_from_config: bool = False
 
 
 # ============================================================================ helpers
@@ -162,3 +164,33 @@ def fold(scale: float, ref: float) -> float:
     if not math.isfinite(scale) or not math.isfinite(ref) or ref == 0:
         raise ValueError(f"cannot fold scale {scale} into a global scale {ref}")
     return scale / ref
+
+
+def _peft_matches(target: Any, name: str) -> bool:
+    # PEFT's check_target_module_exists: a str is a full regex match, a list a name or dotted suffix
+    if isinstance(target, str):
+        return re.fullmatch(target, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target)
+
+
+def config_targets(model: nn.Module, f: PeftFile) -> list[str]:
+    """The modules PEFT's ``target_modules`` / ``exclude_modules`` select in ``model``, in module order.
+
+    For files that do not list their layers through per-layer tensors.  ``"all-linear"`` is our
+    :func:`~lowrank_theory.training.injection.find_targets` rule (every Linear / Conv1D but the
+    output head, as PEFT's); ``layers_to_transform`` is refused.
+    """
+    targets, exclude = f.config.get("target_modules"), f.config.get("exclude_modules")
+    if f.config.get("layers_to_transform") is not None:
+        raise ValueError("import_peft: layers_to_transform is not supported when the layers come from the config")
+    if not targets:
+        raise ValueError("import_peft: the file holds no per-layer tensor and the config no target_modules")
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        names = find_targets(model, "all-linear")
+    else:
+        names = [n for n, m in model.named_modules() if n and is_linear(m) and _peft_matches(targets, n)]
+    if exclude:
+        names = [n for n in names if not _peft_matches(exclude, n)]
+    if not names:
+        raise ValueError(f"import_peft: target_modules={targets!r} selects no Linear / Conv1D module of the model")
+    return names

@@ -199,7 +199,7 @@ def _read_peft(root: Path) -> tuple[PeftMethod, PeftFile]:
             f.shared[key[len(SHARED_PREFIX) :]] = t
         else:
             raise ValueError(f"import_peft: unsupported tensor {key!r} for {method.peft_type}")
-    if not f.layers:
+    if not f.layers and not method.targets_from_config:
         raise ValueError(f"import_peft: {root / PEFT_WEIGHTS_NAME} holds no adapted layer")
     required = set(method.suffixes if method.required is None else method.required)
     for name, parts in f.layers.items():

@@ -26,7 +26,9 @@ in PEFT.
 HUT: :math:`y = (W_0 \odot BA)x + b_0`.  So HiRA of rank r is HUT of rank r + 1 with
 :math:`B = [\mathbf 1, B']`, :math:`A = [\mathbf 1; A']`, and HUT of rank r is HiRA of rank r + 1
 with :math:`B' = [B, -\mathbf 1]`, :math:`A' = [A; \mathbf 1]` (:math:`B'A' = BA - \mathbf 1\mathbf 1^\top`).
-Both directions are exact; each conversion adds one to the rank.
+Both directions are exact; each conversion adds one to the rank.  PEFT 0.21 builds every HiRA
+layer with the global ``r`` (its dispatcher ignores ``rank_pattern``), so export needs one HUT
+rank for all layers.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from .peft_common import (
     grouped,
     layer_configs,
     most_common,
+    one_value,
     per_layer,
     plan,
 )
@@ -260,8 +263,9 @@ def _export_hira(layers: Layers) -> tuple[dict[str, Any], dict[str, torch.Tensor
         tensors[f"{PREFIX}{n}.hira_B"] = detached(torch.cat([B, -torch.ones_like(B[:, :1])], dim=1))
         tensors[f"{PREFIX}{n}.hira_A"] = detached(torch.cat([A, torch.ones_like(A[:1])], dim=0))
         ranks[n] = ad.rank + 1
-    r, rank_pattern = global_and_pattern(ranks)
-    return {"r": r, "rank_pattern": rank_pattern, "hira_dropout": 0.0, "init_weights": True}, tensors
+    # PEFT 0.21 builds every new HiRA layer with the global r (its dispatcher ignores rank_pattern)
+    r = one_value(ranks, "HiRA rank r (PEFT 0.21 ignores HiRA's rank_pattern; give every HUT layer one rank)")
+    return {"r": r, "rank_pattern": {}, "hira_dropout": 0.0, "init_weights": True}, tensors
 
 
 def _prepare_hira(model: nn.Module, f: PeftFile) -> tuple[list[InjectionPlan], Copies]:
@@ -269,9 +273,10 @@ def _prepare_hira(model: nn.Module, f: PeftFile) -> tuple[list[InjectionPlan], C
     for name, parts in f.layers.items():
         A, _ = _ab(name, parts, "hira_A", "hira_B")
         rank = int(A.shape[0])
-        want = int(per_layer(f, name, "r", "rank_pattern", 32))
-        if rank != want:
-            raise ValueError(f"import_peft: layer {name!r} has rank {rank}, the config says {want}")
+        # PEFT 0.21 creates HiRA layers with the global r whatever rank_pattern says; accept either
+        want = {int(f.get("r", 32)), int(per_layer(f, name, "r", "rank_pattern", 32))}
+        if rank not in want:
+            raise ValueError(f"import_peft: layer {name!r} has rank {rank}, the config says {min(want)}")
         ranks[name] = rank + 1  # HUT's extra all-ones component carries HiRA's identity term
     if float(f.get("hira_dropout", 0.0)):
         logger.warning("import_peft: HUT has no dropout; hira_dropout=%s is ignored", f.get("hira_dropout", 0.0))

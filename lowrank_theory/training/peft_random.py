@@ -52,15 +52,14 @@ from .peft_common import (
     PeftFile,
     PeftMethod,
     check_shape,
+    config_targets,
     detached,
     dropout_of,
     fold,
-    global_and_pattern,
     grouped,
     layer_configs,
     most_common,
     one_value,
-    per_layer,
     plan,
     weight_shapes,
 )
@@ -313,12 +312,15 @@ def _prepare_unilora(model: nn.Module, f: PeftFile) -> tuple[list[InjectionPlan]
     if theta is None:
         raise ValueError("import_peft: the file has no base_model.unilora_theta_d")
     check_shape("<model>", "unilora_theta_d", theta, (d,))
-    names = find_targets(model, [re.compile(re.escape(n)) for n in f.layers])  # module order = PEFT's
+    if f.layers:  # module order = PEFT's order
+        names = find_targets(model, [re.compile(re.escape(n)) for n in f.layers])
+    else:  # save_indices=False and theta_d only: the layers are the config's targets
+        names = config_targets(model, f)
     shapes = weight_shapes(model, names)
     D = sum(r * (m + k) for m, k in shapes.values())
     if d > D:
         raise ValueError(f"import_peft: theta_d_length={d} exceeds the {D} LoRA parameters of the adapted layers")
-    saved = [n for n in names if "unilora_indices_A" in f.layers[n]]
+    saved = [n for n in names if "unilora_indices_A" in f.layers.get(n, {})]
     if saved and len(saved) != len(names):
         raise ValueError("import_peft: some layers have unilora_indices_* and some do not")
     if saved:
@@ -377,6 +379,7 @@ UNILORA = PeftMethod(
     export=_export_unilora,
     prepare=_prepare_unilora,
     required=(),
+    targets_from_config=True,
 )
 
 
@@ -384,7 +387,11 @@ UNILORA = PeftMethod(
 def _export_fourierft(layers: Layers) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     cfgs = layer_configs(layers)
     seed = int(one_value({n: c["random_loc_seed"] for n, c in cfgs.items()}, "FourierFT random_loc_seed"))
-    c, pattern = global_and_pattern({n: int(cf["n_frequency"]) for n, cf in cfgs.items()})
+    sizes = {n: int(cf["n_frequency"]) for n, cf in cfgs.items()}
+    c = most_common(list(sizes.values()))
+    # FourierFT matches pattern keys by re.match(rf".*\.{key}$", name) and falls back to the exact
+    # name as a dict key: unescaped full names hit through that fallback only.
+    pattern = {n: k for n, k in sizes.items() if k != c}
     ref = most_common([float(cf["scaling"]) for cf in cfgs.values()])
     tensors = {}
     for n, layer in layers.items():
@@ -403,11 +410,18 @@ def _export_fourierft(layers: Layers) -> tuple[dict[str, Any], dict[str, torch.T
     return config, tensors
 
 
+def _fourierft_n_frequency(f: PeftFile, name: str) -> int:
+    r"""PEFT's FourierFT rule: the first key k with ``re.match(rf".*\.{k}$", name)``, else ``name`` itself."""
+    patterns = f.get("n_frequency_pattern", {})
+    key = next((k for k in patterns if re.match(rf".*\.{k}$", name)), name)
+    return int(patterns.get(key, f.get("n_frequency", 1000)))
+
+
 def _prepare_fourierft(model: nn.Module, f: PeftFile) -> tuple[list[InjectionPlan], Copies]:
     scaling, seed = float(f.get("scaling", 150.0)), int(f.get("random_loc_seed", 777))
     sizes: dict[str, int] = {}
     for n, parts in f.layers.items():
-        want = int(per_layer(f, n, "n_frequency", "n_frequency_pattern", 1000))
+        want = int(_fourierft_n_frequency(f, n))
         sizes[n] = int(check_shape(n, "fourierft_spectrum", parts["fourierft_spectrum"], (want,)).shape[0])
     plans = [
         plan(model, "fourierft", names, n_frequency=c, scaling=scaling, random_loc_seed=seed, init_weights=True)
