@@ -19,12 +19,14 @@ from __future__ import annotations
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lowrank_theory.adapters.projection import UniLoRAShared
+from lowrank_theory.adapters.projection import UniLoRA, UniLoRAShared, balanced_indices
+from lowrank_theory.adapters.random_basis import RandLoRA, VeRA
 from lowrank_theory.training import adapted_layers, export_peft, import_peft, inject, load_adapters, save_adapters
 from lowrank_theory.training.peft_format import peft_type_of
 from tests.conftest import tol
@@ -319,6 +321,57 @@ def test_import_unilora_uses_the_seeded_rule(tmp_path, base):
     sh.finalize()
     assert torch.equal(sh.indices[q.offset : q.offset + 2 * 384].view(2, 384),
                        t["base_model.model.encoder.layer.0.attention.self.query.unilora_indices_A"])
+
+
+# ============================================================================ adapter support for PEFT's bases
+@pytest.mark.parametrize(("D", "d", "seed"), [(100, 7, 0), (96, 96, 3), (1000, 64, 42), (5, 1, 9)])
+def test_balanced_indices_are_peft_generate_index(D, d, seed):
+    from peft.tuners.unilora.model import UniLoraModel
+
+    want = UniLoraModel.generate_index(D, d, seed).numpy()
+    got = balanced_indices(D, d, seed)
+    assert got.dtype == np.int64 and np.array_equal(got, want)
+    counts = np.bincount(got, minlength=d)
+    assert counts.min() == D // d and counts.max() == -(-D // d)
+
+
+def test_unilora_index_rule_builds_balanced_projection():
+    shared = UniLoRAShared(10, seed=4, index_rule="balanced")
+    layer = UniLoRA(6, 5, rank=2, shared=shared)
+    assert layer.config()["index_rule"] == "balanced"
+    assert "index_rule" not in UniLoRA(6, 5, rank=2, d=10).config()  # the default stays out of config()
+    shared.finalize()
+    assert np.array_equal(shared.indices.numpy(), balanced_indices(22, 10, 4))
+    P = torch.zeros(22, 10, dtype=torch.float64)
+    P[torch.arange(22), shared.indices] = shared.values.double()
+    torch.testing.assert_close(P.T @ P, torch.eye(10, dtype=torch.float64), **tol(torch.float32))  # an isometry
+    with pytest.raises(ValueError, match="index_rule"):
+        UniLoRAShared(10, index_rule="uniform")
+
+
+@pytest.mark.parametrize(
+    ("make", "names"),
+    [
+        (lambda **kw: VeRA(12, 9, rank=4, seed=1, **kw), ("vera_A", "vera_B")),
+        (lambda **kw: RandLoRA(12, 9, rank=3, seed=1, **kw), ("randlora_A", "randlora_B")),
+    ],
+)
+def test_persistent_basis(make, names):
+    plain, kept = make(), make(persistent_basis=True)
+    assert not set(names) & set(plain.state_dict()) and "persistent_basis" not in plain.config()
+    assert set(names) <= set(kept.state_dict()) and kept.config()["persistent_basis"] is True
+    for n in names:  # same init, but the layer's own copy: writing it leaves the cached shared basis alone
+        before = getattr(plain, n).clone()  # plain's buffer is a view of the cache itself
+        assert torch.equal(getattr(kept, n), before)
+        getattr(kept, n).mul_(2.0)
+        assert torch.equal(getattr(make(), n), before) and torch.equal(getattr(plain, n), before)
+    state = {k: v.clone() for k, v in kept.state_dict().items()}
+    again = make(persistent_basis=True)
+    again.load_state_dict(state)
+    for n in names:
+        assert torch.equal(getattr(again, n), getattr(kept, n))
+    with pytest.raises(TypeError, match="persistent_basis"):
+        make(persistent_basis=1)
 
 
 # ============================================================================ GPT-2: Conv1D layers
