@@ -21,10 +21,42 @@ from torch import nn
 from ..linalg.projections import IsometricProjection, isometric_projection
 from ..linalg.random import derive_seed
 from .base import Adapter, check_rank
-from .params import Float, Instance, Int, Seed, schema
+from .params import Choice, Float, Instance, Int, Seed, schema
 from .registry import register
 
-__all__ = ["UniLoRA", "UniLoRAShared"]
+__all__ = ["INDEX_RULES", "UniLoRA", "UniLoRAShared", "balanced_indices"]
+
+#: How :meth:`UniLoRAShared.finalize` assigns the rows of P to columns when no indices are given.
+INDEX_RULES = ("isometric", "balanced")
+
+
+def balanced_indices(D: int, d: int, seed: int) -> np.ndarray:
+    r"""PEFT 0.21's Uni-LoRA column assignment, balanced: each column is used ⌊D/d⌋ or ⌈D/d⌉ times.
+
+    A balanced alternative to :func:`~lowrank_theory.linalg.isometric_projection` (which draws
+    columns i.i.d.); both give :math:`P^\top P = I_d` once the rows are scaled by
+    :math:`1/\sqrt{n_j}`.
+
+    Parameters
+    ----------
+    D, d : int
+        Rows (the model's LoRA parameter count) and columns (``theta_d_length``), ``1 <= d <= D``.
+    seed : int
+        PEFT's ``proj_seed``.
+
+    Returns
+    -------
+    numpy.ndarray of int64, shape (D,)
+        :math:`j(i)`: ``repeat(arange(d), D // d)``, then ``D mod d`` distinct extra columns
+        drawn without replacement, the whole shuffled, all by ``numpy.random.default_rng(seed)``
+        (``UniLoraModel.generate_index``), so a PEFT Uni-LoRA model is rebuilt from its seed.
+    """
+    rng = np.random.default_rng(seed)
+    data = np.repeat(np.arange(d), D // d)
+    if D % d:
+        data = np.concatenate([data, rng.choice(d, size=D % d, replace=False)])
+    rng.shuffle(data)
+    return data.astype(np.int64)
 
 
 #: The keywords of the shared vector (also UniLoRA's, for a private one).
@@ -32,6 +64,7 @@ _UNILORA_VECTOR = schema(
     d=Int(1, doc="length of the trainable vector theta_d"),
     seed=Seed(doc="seed of theta_d's init and of the projection's columns"),
     init_bound=Float(0.0, doc="theta_d ~ U(-b, b)"),
+    index_rule=Choice(*INDEX_RULES, doc="column assignment: isometric (paper) or balanced (PEFT 0.21)"),
 )
 
 
@@ -49,6 +82,9 @@ class UniLoRAShared(nn.Module):
     init_bound : float, default 0.02
         :math:`\theta_d \sim U(-b, b)` (PEFT's ``init_theta_d_bound``; the authors' code draws
         their vector bank the same way).
+    index_rule : {"isometric", "balanced"}, default "isometric"
+        The column assignment :meth:`finalize` builds without explicit indices:
+        :func:`~lowrank_theory.linalg.isometric_projection` or PEFT's :func:`balanced_indices`.
 
     Notes
     -----
@@ -67,19 +103,20 @@ class UniLoRAShared(nn.Module):
     The column assignment is :func:`~lowrank_theory.linalg.isometric_projection`'s (i.i.d.
     uniform columns, as in the paper, plus one guaranteed row per column so that
     :math:`P^\top P = I_d` exactly).  PEFT 0.21 instead deals the columns out evenly
-    (each used :math:`\lfloor D/d\rfloor` or :math:`\lceil D/d\rceil` times); pass its indices to
-    :meth:`finalize` to reproduce a PEFT model exactly.
+    (each used :math:`\lfloor D/d\rfloor` or :math:`\lceil D/d\rceil` times); ``index_rule="balanced"``
+    rebuilds those from the seed, or pass its indices to :meth:`finalize`.
 
     When a model holds several layers, every :class:`UniLoRA` lists this module as a child, so
     ``model.parameters()`` yields :math:`\theta_d` once, but ``model.state_dict()`` repeats it
     under each layer's prefix (same tensor); save ``shared.state_dict()`` once instead.
     """
 
-    def __init__(self, d: int, seed: int = 0, init_bound: float = 0.02) -> None:
+    def __init__(self, d: int, seed: int = 0, init_bound: float = 0.02, index_rule: str = "isometric") -> None:
         super().__init__()
         self.d = _UNILORA_VECTOR["d"].validate("d", d)
         self.seed = _UNILORA_VECTOR["seed"].validate("seed", seed)
         self.init_bound = _UNILORA_VECTOR["init_bound"].validate("init_bound", init_bound)
+        self.index_rule = _UNILORA_VECTOR["index_rule"].validate("index_rule", index_rule)
         g = torch.Generator().manual_seed(derive_seed(self.seed, "unilora/theta_d"))
         theta = torch.empty(self.d, dtype=torch.float64).uniform_(-self.init_bound, self.init_bound, generator=g)
         self.theta_d = nn.Parameter(theta.to(torch.get_default_dtype()))
@@ -135,8 +172,10 @@ class UniLoRAShared(nn.Module):
             raise ValueError(
                 f"d must be <= D (the total LoRA parameter count of the attached layers), got d={self.d}, D={self.D}"
             )
-        if indices is None:
+        if indices is None and self.index_rule == "isometric":
             proj = isometric_projection(self.D, self.d, self.seed)
+        elif indices is None:
+            proj = IsometricProjection(balanced_indices(self.D, self.d, self.seed), self.d)
         else:
             idx = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices)
             if idx.shape != (self.D,):
@@ -160,7 +199,8 @@ class UniLoRAShared(nn.Module):
         return self.gather(0, self.D)
 
     def extra_repr(self) -> str:
-        return f"d={self.d}, D={self.D}, layers={len(self.slots)}, finalized={self.finalized}"
+        rule = "" if self.index_rule == "isometric" else f", index_rule={self.index_rule!r}"
+        return f"d={self.d}, D={self.D}, layers={len(self.slots)}, finalized={self.finalized}{rule}"
 
 
 @register
@@ -183,6 +223,8 @@ class UniLoRA(Adapter):
         Seed for a private ``shared``.
     init_bound : float, default 0.02
         θ_d's init bound for a private ``shared``.
+    index_rule : {"isometric", "balanced"}, default "isometric"
+        Column assignment of a private ``shared`` (see :class:`UniLoRAShared`).
     scale : float, default 1.0
         s (PEFT and the authors' code apply no LoRA scale).
     dropout : float
@@ -230,13 +272,14 @@ class UniLoRA(Adapter):
         init_bound: float = 0.02,
         scale: float = 1.0,
         dropout: float = 0.0,
+        index_rule: str = "isometric",
     ) -> None:
         super().__init__(d_out, d_in)
         check_rank(rank, d_out, d_in)
         self.scale = scale
         private = shared is None
         if private:
-            shared = UniLoRAShared(d, seed=seed, init_bound=init_bound)
+            shared = UniLoRAShared(d, seed=seed, init_bound=init_bound, index_rule=index_rule)
         self.rank = rank
         self.shared = shared
         self.offset = shared.attach(d_out, d_in, rank)
@@ -245,7 +288,7 @@ class UniLoRA(Adapter):
             shared.finalize()
         # config() describes the vector, not the object: the private equivalent (JSON-able for checkpoints)
         self._config.pop("shared", None)
-        self._config.update(d=shared.d, seed=shared.seed, init_bound=shared.init_bound)
+        self._config.update(d=shared.d, seed=shared.seed, init_bound=shared.init_bound, index_rule=shared.index_rule)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     @classmethod

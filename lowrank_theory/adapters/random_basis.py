@@ -10,7 +10,10 @@ All three freeze seeded random matrices and train only a few coefficients on the
   \operatorname{diag}(\gamma_i)`, :math:`N = \lceil \min(m,n)/r\rceil`, so the sum reaches full rank.
 
 The frozen matrices are **non-persistent buffers** regenerated from the seed kept in
-``config()``: a state dict holds only the trainable vectors.  Every forward applies the factors
+``config()``: a state dict holds only the trainable vectors.  VeRA and RandLoRA also take
+``persistent_basis=True`` for a frozen basis that no seed reproduces (one read from a PEFT
+adapter): the same init, but the buffers are the layer's own copies and are kept in the state
+dict, so a checkpoint stores them and ``load_state_dict`` overwrites them.  Every forward applies the factors
 to the activations and never forms the :math:`m \times n` update.
 
 Sources of randomness.  VeRA uses PEFT's own recipe (a seeded ``torch.Generator``, Kaiming-uniform
@@ -64,6 +67,12 @@ def _check_basis_shape(basis_shape: tuple[int, int] | None, d_out: int, d_in: in
 
 def _as_default_float(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.get_default_dtype())
+
+
+def _register_basis(module: nn.Module, name: str, tensor: torch.Tensor, persistent: bool) -> None:
+    # A persistent basis is written in place by load_state_dict: give the layer its own copy,
+    # never a view of the cached shared tensors.
+    module.register_buffer(name, tensor.clone() if persistent else tensor, persistent=persistent)
 
 
 # ----------------------------------------------------------------------------- shared bases
@@ -168,6 +177,9 @@ class VeRA(Adapter):
         Layers slice ``A[:, :n]`` and ``B[:m, :]`` from one pair of that size.
     dropout : float
         Dropout on the update's input.
+    persistent_basis : bool, default False
+        Keep this layer's slice of the pair as persistent buffers (in the state dict), for a
+        pair that ``seed`` does not reproduce.
 
     Notes
     -----
@@ -191,6 +203,7 @@ class VeRA(Adapter):
         seed=Seed(doc="seed of the frozen shared pair"),
         basis_shape=Shape2(doc="the largest (d_out, d_in) of the layers sharing the pair"),
         dropout=Float(0.0, 1.0, high_open=True),
+        persistent_basis=Bool(doc="keep the frozen basis in the state dict (one no seed reproduces, e.g. from PEFT)"),
     )
 
     def __init__(
@@ -202,13 +215,15 @@ class VeRA(Adapter):
         seed: int = 0,
         basis_shape: tuple[int, int] | None = None,
         dropout: float = 0.0,
+        persistent_basis: bool = False,
     ) -> None:
         super().__init__(d_out, d_in)
         shape = _check_basis_shape(basis_shape, d_out, d_in)
+        persistent = persistent_basis
         self.rank = rank
         A, B = vera_basis(seed, rank, shape)
-        self.register_buffer("vera_A", _as_default_float(A[:, :d_in]), persistent=False)
-        self.register_buffer("vera_B", _as_default_float(B[:d_out, :]), persistent=False)
+        _register_basis(self, "vera_A", _as_default_float(A[:, :d_in]), persistent)
+        _register_basis(self, "vera_B", _as_default_float(B[:d_out, :]), persistent)
         self.b = nn.Parameter(torch.zeros(d_out))
         self.d = nn.Parameter(torch.full((rank,), d_initial))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -355,6 +370,9 @@ class RandLoRA(Adapter):
         The largest ``(d_out, d_in)`` over the layers sharing the bases; default this layer's.
     dropout : float
         Dropout on the update's input.
+    persistent_basis : bool, default False
+        Keep this layer's bases as persistent buffers (in the state dict), for bases that
+        ``seed`` does not reproduce (PEFT's, drawn by its own generator).
 
     Notes
     -----
@@ -401,6 +419,7 @@ class RandLoRA(Adapter):
         shared_a=Bool(doc="one A for all bases (paper, PEFT) or one per basis"),
         basis_shape=Shape2(doc="the largest (d_out, d_in) of the layers sharing the bases"),
         dropout=Float(0.0, 1.0, high_open=True),
+        persistent_basis=Bool(doc="keep the frozen basis in the state dict (one no seed reproduces, e.g. from PEFT)"),
     )
 
     def __init__(
@@ -414,19 +433,21 @@ class RandLoRA(Adapter):
         shared_a: bool = True,
         basis_shape: tuple[int, int] | None = None,
         dropout: float = 0.0,
+        persistent_basis: bool = False,
     ) -> None:
         super().__init__(d_out, d_in)
         check_rank(rank, d_out, d_in)
         alpha = 20.0 * rank if alpha is None else alpha
         shape = _check_basis_shape(basis_shape, d_out, d_in)
+        persistent = persistent_basis
         p, q = min(d_out, d_in), max(d_out, d_in)
         self.rank, self.num_bases = rank, -(-p // rank)
         self.scale = alpha / rank
         self.transposed = d_out < d_in  # M is (q, p); ΔW = Mᵀ when the output side is the smaller
         A, B = randlora_basis(seed, rank, shape, basis, shared_a)
         n = self.num_bases
-        self.register_buffer("randlora_A", _as_default_float(A[: 1 if shared_a else n, :, :p]), persistent=False)
-        self.register_buffer("randlora_B", _as_default_float(B[:q, :n, :]), persistent=False)
+        _register_basis(self, "randlora_A", _as_default_float(A[: 1 if shared_a else n, :, :p]), persistent)
+        _register_basis(self, "randlora_B", _as_default_float(B[:q, :n, :]), persistent)
         self.lam = nn.Parameter(torch.zeros(n, rank))
         self.gamma = nn.Parameter(torch.full((n, p), 1.0 / p))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()

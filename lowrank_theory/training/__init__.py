@@ -5,8 +5,13 @@
   :func:`unwrap_model` (DDP / ``accelerate`` / ``torch.compile`` wrappers), ...
 * :mod:`~lowrank_theory.training.checkpoint` -- :func:`save_adapters` / :func:`load_adapters`
   (safetensors + JSON; frozen random bases regenerated from seeds; ``resize=True`` after a rank change).
-* :mod:`~lowrank_theory.training.peft_format` -- :func:`export_peft` / :func:`import_peft` for
-  LoRA, rsLoRA and DoRA in PEFT's ``adapter_config.json`` + ``adapter_model.safetensors``.
+* :mod:`~lowrank_theory.training.peft_format` -- :func:`export_peft` / :func:`import_peft` in
+  PEFT's ``adapter_config.json`` + ``adapter_model.safetensors`` for every method PEFT also has
+  (LoRA / rsLoRA / DoRA, AdaLoRA, HiRA = HUT, VeRA, RandLoRA, Uni-LoRA, FourierFT), one table of
+  per-method mappings in :mod:`~lowrank_theory.training.peft_lora` / :mod:`~lowrank_theory.training.peft_random`.
+* :mod:`~lowrank_theory.training.hf` -- ``transformers.Trainer`` with adapter-only checkpoints
+  (``AdapterTrainer``, :func:`~lowrank_theory.training.hf.adapter_trainer`), ``save_pretrained`` /
+  ``from_pretrained`` for both formats.
 * :mod:`~lowrank_theory.training.optim`, :mod:`~lowrank_theory.training.optim_projected`,
   :mod:`~lowrank_theory.training.perturb` -- LoRA+, ALLoRA, LoRA-Pro, AltLoRA, GGPO;
   :func:`make_optimizer` by name.

@@ -117,8 +117,15 @@ def test_export_dora_matches_peft(tmp_path, minilm_base, which, targets):
 
 
 def test_export_errors(tmp_path):
-    with pytest.raises(ValueError, match="LoRA and DoRA only"):
-        export_peft(inject(tiny_gpt2(), "vera", targets="c_fc", rank=4), tmp_path)
+    # a method PEFT lacks: the message names every method that exports (from the one table)
+    with pytest.raises(ValueError, match="no counterpart of 'nola'") as err:
+        export_peft(inject(tiny_gpt2(), "nola", targets="c_fc", rank=2, num_basis_a=3, num_basis_b=3), tmp_path)
+    for name in ("adalora", "dora", "fourierft", "hut", "lora", "randlora", "unilora", "vera"):
+        assert name in str(err.value)
+    two_types = inject(tiny_gpt2(), "lora", targets="c_fc", rank=2)
+    inject(two_types, "vera", targets="c_attn", rank=4)
+    with pytest.raises(ValueError, match="one PEFT adapter holds one method"):
+        export_peft(two_types, tmp_path)
     mixed = inject(tiny_gpt2(), "lora", targets="c_fc", rank=2)
     inject(mixed, "dora", targets="c_attn", rank=2)
     with pytest.raises(ValueError, match="use_dora is global"):
@@ -190,7 +197,7 @@ def _edit_tensors(path, fn):
 
 A_KEY = "base_model.model.h.1.attn.c_attn.lora_A.weight"
 IMPORT_ERRORS = {
-    "peft_type": (lambda p: _edit_cfg(p, peft_type="IA3"), "peft_type must be 'LORA'"),
+    "peft_type": (lambda p: _edit_cfg(p, peft_type="IA3"), "peft_type must be one of 'LORA'"),
     "bias": (lambda p: _edit_cfg(p, bias="all"), "bias='all'"),
     "modules_to_save": (lambda p: _edit_cfg(p, modules_to_save=["ln_f"]), "modules_to_save"),
     "pickle only": (
