@@ -4,7 +4,8 @@
   ``"all-linear"``), :func:`merge`, :func:`unmerge`, :func:`disable`, :func:`summary`,
   :func:`unwrap_model` (DDP / ``accelerate`` / ``torch.compile`` wrappers), ...
 * :mod:`~lowrank_theory.training.checkpoint` -- :func:`save_adapters` / :func:`load_adapters`
-  (safetensors + JSON; frozen random bases regenerated from seeds; ``resize=True`` after a rank change).
+  (safetensors + JSON; frozen random bases regenerated from seeds; ``resize=True`` after a rank change;
+  :func:`~lowrank_theory.training.checkpoint.plan_load` validates without writing).
 * :mod:`~lowrank_theory.training.peft_format` -- :func:`export_peft` / :func:`import_peft` for
   LoRA, rsLoRA and DoRA in PEFT's ``adapter_config.json`` + ``adapter_model.safetensors``.
 * :mod:`~lowrank_theory.training.optim`, :mod:`~lowrank_theory.training.optim_projected`,

@@ -21,9 +21,11 @@ raises ``ValueError`` and leaves the model as it was.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,16 @@ from .. import __version__
 from ..adapters import Adapter
 from .injection import CONFIG_ATTR, InjectionPlan, adapted_layers, prepare, to_json, unwrap_model
 
-__all__ = ["CONFIG_NAME", "FORMAT", "WEIGHTS_NAME", "adapter_state", "load_adapters", "save_adapters"]
+__all__ = [
+    "CONFIG_NAME",
+    "FORMAT",
+    "WEIGHTS_NAME",
+    "LoadPlan",
+    "adapter_state",
+    "load_adapters",
+    "plan_load",
+    "save_adapters",
+]
 
 WEIGHTS_NAME = "adapters.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -306,10 +317,140 @@ def _resized(layer_adapters: dict[str, Adapter], config: dict[str, Any]) -> dict
     return out
 
 
+class LoadPlan:
+    """A checkpoint load that :func:`plan_load` validated and has not yet written.
+
+    Every file was read and checked against the model; nothing of the model changed.
+    :meth:`apply` writes it (replaying the injection, swapping resized adapters in, copying the
+    tensors); :meth:`applying` does the same around a block of the caller's own checks that need
+    the new modules in place (the trainer builds its optimizer and loads its callbacks there), and
+    puts the old modules back if the block raises.
+
+    Attributes
+    ----------
+    model : nn.Module
+        The model the plan was made for.
+    adapters : dict of str to Adapter
+        ``{layer name: adapter}`` as they will be after :meth:`apply` (new ones where a layer is
+        rebuilt or injected).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapters: dict[str, Adapter],
+        plans: list[InjectionPlan],
+        swaps: dict[str, Adapter],
+        pairs: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> None:
+        self.model = model
+        self.adapters = adapters
+        self._plans, self._swaps, self._pairs = plans, swaps, pairs
+        self.applied = False
+
+    def _check_fresh(self) -> None:
+        if self.applied:
+            raise RuntimeError("this LoadPlan was already applied")
+
+    @contextlib.contextmanager
+    def applying(self) -> Iterator[nn.Module]:
+        """Swap the resized adapters in for the block; copy the tensors when it ends without error.
+
+        If the block raises, the model's previous adapter modules are put back (the very same
+        objects, so every tensor is as it was) and the exception propagates.  Only for plans made
+        with ``inject=False`` (an injection is not undone); use :meth:`apply` otherwise.
+        """
+        self._check_fresh()
+        if self._plans:
+            raise RuntimeError("applying() needs a plan made with inject=False; use apply()")
+        root = unwrap_model(self.model)
+        old = {}
+        for n, new in self._swaps.items():
+            layer = root.get_submodule(n)
+            old[n] = layer.adapter
+            layer.adapter = new
+        try:
+            yield self.model
+        except BaseException:
+            for n, ad in old.items():
+                root.get_submodule(n).adapter = ad
+            raise
+        self._copy()
+
+    def _copy(self) -> None:
+        with torch.no_grad():
+            for dst, src in self._pairs:
+                dst.copy_(src)
+        self.applied = True
+
+    def apply(self) -> nn.Module:
+        """Write the checkpoint into the model; return the model."""
+        self._check_fresh()
+        if not self._plans:
+            with self.applying():
+                pass
+            return self.model
+        for plan in self._plans:
+            plan.apply()
+        self._copy()
+        return self.model
+
+
+def plan_load(
+    model: nn.Module, path: str | os.PathLike, *, inject: bool = False, resize: bool = False, **overrides: Any
+) -> LoadPlan:
+    """Read and validate a checkpoint written by :func:`save_adapters`; change nothing.
+
+    Parameters are those of :func:`load_adapters`, which is ``plan_load(...).apply()``.
+
+    Returns
+    -------
+    LoadPlan
+        The validated load; its :meth:`~LoadPlan.apply` writes it.
+
+    Raises
+    ------
+    ValueError
+        As :func:`load_adapters`.  The model is unchanged (and so is the global torch RNG:
+        adapters rebuilt for ``resize`` are drawn under a forked RNG).
+    """
+    if overrides and not inject:
+        raise TypeError(f"config overrides {sorted(overrides)} are only used with inject=True")
+    root = Path(path)
+    config = read_json(root / CONFIG_NAME, "load_adapters")
+    if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"load_adapters: {root / CONFIG_NAME} is not a {FORMAT} v{FORMAT_VERSION} config "
+            f"(format={config.get('format')!r}, version={config.get('format_version')!r})"
+        )
+    tensors = read_safetensors(root / WEIGHTS_NAME, "load_adapters")
+    with torch.random.fork_rng(devices=[]):  # building adapters draws random inits: leave the caller's RNG
+        if inject:
+            plans = _replay(model, config, overrides)
+            layer_adapters = {n: ad for plan in plans for n, ad in plan.adapters.items()}
+        else:
+            plans = []
+            layers = adapted_layers(model)
+            merged = [n for n, layer in layers.items() if layer.merged]
+            if merged:
+                raise ValueError(f"layers {merged[:5]} are merged; unmerge(model) before loading adapters")
+            layer_adapters = {n: layer.adapter for n, layer in layers.items()}
+            if not layer_adapters:
+                raise ValueError("model has no adapted layer; inject() it first or pass inject=True")
+        swaps = _resized(layer_adapters, config) if resize else {}
+    layer_adapters = {**layer_adapters, **swaps}
+    for plan in plans:
+        plan.adapters.update({n: a for n, a in swaps.items() if n in plan.adapters})
+    pairs = _validate(layer_adapters, config, tensors)
+    return LoadPlan(model, layer_adapters, plans, {} if plans else swaps, pairs)
+
+
 def load_adapters(
     model: nn.Module, path: str | os.PathLike, *, inject: bool = False, resize: bool = False, **overrides: Any
 ) -> nn.Module:
     """Load a checkpoint written by :func:`save_adapters` into ``model``.
+
+    Everything is validated first (:func:`plan_load`), then written (:meth:`LoadPlan.apply`).
 
     Parameters
     ----------
@@ -342,39 +483,4 @@ def load_adapters(
         config, a missing or unexpected key, a tensor of the wrong shape or dtype kind, or a
         merged layer.  The model is left unchanged.
     """
-    if overrides and not inject:
-        raise TypeError(f"config overrides {sorted(overrides)} are only used with inject=True")
-    root = Path(path)
-    config = read_json(root / CONFIG_NAME, "load_adapters")
-    if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"load_adapters: {root / CONFIG_NAME} is not a {FORMAT} v{FORMAT_VERSION} config "
-            f"(format={config.get('format')!r}, version={config.get('format_version')!r})"
-        )
-    tensors = read_safetensors(root / WEIGHTS_NAME, "load_adapters")
-    if inject:
-        plans = _replay(model, config, overrides)
-        layer_adapters = {n: ad for plan in plans for n, ad in plan.adapters.items()}
-    else:
-        plans = []
-        layers = adapted_layers(model)
-        merged = [n for n, layer in layers.items() if layer.merged]
-        if merged:
-            raise ValueError(f"layers {merged[:5]} are merged; unmerge(model) before loading adapters")
-        layer_adapters = {n: layer.adapter for n, layer in layers.items()}
-        if not layer_adapters:
-            raise ValueError("model has no adapted layer; inject() it first or pass inject=True")
-    swaps = _resized(layer_adapters, config) if resize else {}
-    layer_adapters = {**layer_adapters, **swaps}
-    for plan in plans:
-        plan.adapters.update({n: a for n, a in swaps.items() if n in plan.adapters})
-    pairs = _validate(layer_adapters, config, tensors)
-    if not plans:
-        for n, new in swaps.items():
-            unwrap_model(model).get_submodule(n).adapter = new
-    for plan in plans:
-        plan.apply()
-    with torch.no_grad():
-        for dst, src in pairs:
-            dst.copy_(src)
-    return model
+    return plan_load(model, path, inject=inject, resize=resize, **overrides).apply()

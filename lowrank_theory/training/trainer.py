@@ -23,7 +23,10 @@ tensors (a classifier head) in ``trainable.safetensors``, the optimizer state as
 ``optimizer.safetensors`` plus its JSON skeleton, the callbacks' state, every rank's RNG state,
 and the step in ``trainer_state.json``.  :meth:`Trainer.fit` with ``resume=True`` continues bit for bit
 (on the same device and world size) from there; adapters whose rank a schedule changed are
-rebuilt at the saved rank first (``load_adapters(..., resize=True)``).
+rebuilt at the saved rank first (``plan_load(..., resize=True)``).  Every file is validated against
+the run before anything changes, so a bad checkpoint raises ``ValueError`` naming the file and
+leaves model, optimizer, callbacks and RNG as they were
+(:mod:`~lowrank_theory.training.trainer_checkpoint`).
 
 Under DDP every rank evaluates the same data (so early-stopping decisions agree without
 communication) and only rank 0 writes files; each rank's RNG state is saved and restored.
@@ -43,10 +46,8 @@ import inspect
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -54,17 +55,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import load_adapters, read_json, read_safetensors, save_adapters
 from .injection import adapted_layers
 from .optim import make_optimizer
 from .train_config import (
     TrainConfig,
     init_distributed,
     lr_factor,
-    optimizer_from_safetensors,
-    optimizer_to_safetensors,
     peak_memory_mb,
 )
+from .trainer_checkpoint import load_trainer_checkpoint, save_trainer_checkpoint
 
 __all__ = ["TrainConfig", "Trainer", "init_distributed", "lr_factor"]
 
@@ -271,101 +270,29 @@ class Trainer:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad and id(p) not in in_adapters}
 
     def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path | None:
-        """Write a checkpoint (rank 0; other ranks wait); default ``<out_dir>/checkpoint``."""
-        from safetensors.torch import save_file
+        """Write a checkpoint (rank 0; other ranks wait); default ``<out_dir>/checkpoint``.
 
+        The files are described in :mod:`~lowrank_theory.training.trainer_checkpoint`.
+        """
         if path is None:
             if self.out_dir is None:
                 raise ValueError("save_checkpoint needs a path or config.out_dir")
             path = self.out_dir / "checkpoint"
-        final = Path(path)
-        rng = self._gather_rng()  # collective: every rank takes part
-        if self.is_main:
-            tmp = final.with_name(final.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            if adapted_layers(self.model):
-                save_adapters(self.model, tmp)
-            extra = {n: p.detach().cpu().contiguous() for n, p in self._extra_trainable().items()}
-            save_file(extra, str(tmp / "trainable.safetensors"))
-            tensors, skeleton = optimizer_to_safetensors(self.optimizer)
-            save_file(tensors, str(tmp / "optimizer.safetensors"))
-            cb_tensors, cb_json = {}, []
-            for i, cb in enumerate(self.callbacks):
-                state = cb.state_dict() if callable(getattr(cb, "state_dict", None)) else {}
-                cb_json.append({k: v for k, v in state.items() if not isinstance(v, torch.Tensor)})
-                cb_tensors.update({f"{i}.{k}": v.detach().cpu().contiguous() for k, v in state.items()
-                                   if isinstance(v, torch.Tensor)})
-            save_file(cb_tensors, str(tmp / "callbacks.safetensors"))
-            save_file(rng, str(tmp / "rng.safetensors"))
-            state = {"step": self.step, "best": self.best, "bad_evals": self.bad_evals, "world_size": self.world,
-                     "config": asdict(self.config), "optimizer": skeleton, "callbacks": cb_json,
-                     "optimizer_class": type(self.optimizer).__name__}
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
-            old = final.with_name(final.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            if final.exists():
-                final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        if self.world > 1:
-            dist.barrier()
-        return final
-
-    def _rng_states(self) -> dict[str, torch.Tensor]:
-        out = {"torch_cpu": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            out["torch_cuda"] = torch.cuda.get_rng_state(self.device)
-        return out
-
-    def _gather_rng(self) -> dict[str, torch.Tensor]:
-        """Every rank's RNG states as ``{"<kind>.<rank>": state}`` (an all-gather under DDP)."""
-        mine = self._rng_states()
-        if self.world == 1:
-            return {f"{k}.0": v for k, v in mine.items()}
-        out = {}
-        on = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
-        for k, v in mine.items():
-            parts = [torch.empty_like(v, device=on) for _ in range(self.world)]
-            dist.all_gather(parts, v.to(on))
-            out.update({f"{k}.{r}": t.cpu() for r, t in enumerate(parts)})
-        return out
+        return save_trainer_checkpoint(self, path)
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
-        """Restore model tensors, optimizer, callbacks, RNG and step from ``path`` (see :meth:`fit`)."""
-        root = Path(path)
-        state = read_json(root / "trainer_state.json", "load_checkpoint")
-        if state.get("world_size", 1) != self.world:
-            log.warning("checkpoint written with world_size=%s, resuming with %s: the data order differs",
-                        state.get("world_size"), self.world)
-        if adapted_layers(self.model):
-            load_adapters(self.model, root, resize=True)
-        extra = read_safetensors(root / "trainable.safetensors", "load_checkpoint")
-        params = self._extra_trainable()
-        if set(extra) != set(params):
-            raise ValueError(f"trainable tensors differ: file {sorted(extra)[:5]}, model {sorted(params)[:5]}")
-        with torch.no_grad():
-            for k, v in extra.items():
-                params[k].copy_(v)
-        self.optimizer = self._make_optimizer()
-        if state.get("optimizer_class") != type(self.optimizer).__name__:
-            raise ValueError(f"checkpoint optimizer is {state.get('optimizer_class')}, "
-                             f"this run builds {type(self.optimizer).__name__}")
-        opt_tensors = read_safetensors(root / "optimizer.safetensors", "load_checkpoint")
-        self.optimizer.load_state_dict(optimizer_from_safetensors(opt_tensors, state["optimizer"]))
-        cb_tensors = read_safetensors(root / "callbacks.safetensors", "load_checkpoint")
-        cb_json = state.get("callbacks", [])
-        for i, cb in enumerate(self.callbacks):
-            if callable(getattr(cb, "load_state_dict", None)):
-                st = dict(cb_json[i]) if i < len(cb_json) else {}
-                st.update({k.split(".", 1)[1]: v for k, v in cb_tensors.items() if k.split(".", 1)[0] == str(i)})
-                cb.load_state_dict(st)
-        rng = read_safetensors(root / "rng.safetensors", "load_checkpoint")
-        if f"torch_cpu.{self.rank}" in rng:
-            torch.set_rng_state(rng[f"torch_cpu.{self.rank}"])
-        if self.device.type == "cuda" and f"torch_cuda.{self.rank}" in rng:
-            torch.cuda.set_rng_state(rng[f"torch_cuda.{self.rank}"], self.device)
-        self.step, self.best, self.bad_evals = int(state["step"]), state.get("best"), int(state.get("bad_evals", 0))
+        """Restore model tensors, optimizer, callbacks, RNG and step from ``path`` (see :meth:`fit`).
+
+        Every file is validated against this run before anything changes
+        (:func:`~lowrank_theory.training.trainer_checkpoint.load_trainer_checkpoint`).
+
+        Raises
+        ------
+        ValueError
+            A bad or mismatched file, named in the message; the model, optimizer, callbacks and
+            RNG are left as they were.
+        """
+        load_trainer_checkpoint(self, path)
 
     # ------------------------------------------------------------------ the loop
     def fit(self, *, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
