@@ -16,7 +16,9 @@ A checkpoint is a directory with two files:
 Only safetensors is read or written (never pickle / ``torch.load``).  :func:`load_adapters`
 validates everything -- the files parse, every tensor is finite, the layer set, methods, shapes,
 configs, keys, tensor shapes and dtypes agree -- before it writes a single tensor, so a bad file
-raises ``ValueError`` and leaves the model as it was.
+raises ``ValueError`` and leaves the model as it was (:func:`plan_load` is the validation alone).
+Models sharded by FSDP2 save the same files (every rank calls :func:`save_adapters`, rank 0
+writes) and load them shard by shard.
 """
 
 from __future__ import annotations
@@ -30,12 +32,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import __version__
 from ..adapters import Adapter
+from .fsdp import full_tensor, is_sharded, shard_like
 from .injection import CONFIG_ATTR, InjectionPlan, adapted_layers, prepare, to_json, unwrap_model
 
 __all__ = [
@@ -146,15 +150,22 @@ def save_adapters(model: nn.Module, path: str | os.PathLike) -> Path:
     ------
     ValueError
         If the model has no adapted layer or an adapter tensor holds NaN/Inf.
+
+    Notes
+    -----
+    On a model sharded by FSDP2 (:func:`~lowrank_theory.training.fsdp.shard_model`) this is a
+    collective: every rank calls it, the sharded tensors are gathered, and rank 0 writes the
+    same files an unsharded model gives.
     """
     layers = adapted_layers(model)
     if not layers:
         raise ValueError("model has no adapted layer; nothing to save")
     state, aliases = adapter_state({n: layer.adapter for n, layer in layers.items()})
+    sharded = is_sharded(model)  # FSDP: every rank calls, rank 0 writes
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
-    for k, v in state.items():
-        t = v.detach().to("cpu").contiguous()
+    for k, v in state.items():  # the same order on every rank: the gathers of sharded tensors match up
+        t = full_tensor(v.detach()).to("cpu").contiguous()
         if t.numel() and t.data_ptr() in seen:  # safetensors refuses tensors that share memory
             t = t.clone()
         seen.add(t.data_ptr())
@@ -182,6 +193,8 @@ def save_adapters(model: nn.Module, path: str | os.PathLike) -> Path:
         "tensors": {k: {"shape": list(t.shape), "dtype": _dtype_name(t.dtype)} for k, t in tensors.items()},
     }
     out = Path(path)
+    if sharded and dist.get_rank() != 0:
+        return out  # rank 0 writes
     out.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", "library": FORMAT}
     _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata=meta))
@@ -380,7 +393,7 @@ class LoadPlan:
     def _copy(self) -> None:
         with torch.no_grad():
             for dst, src in self._pairs:
-                dst.copy_(src)
+                dst.copy_(shard_like(src.to(dst.dtype), dst))  # a sharded tensor keeps this rank's part
         self.applied = True
 
     def apply(self) -> nn.Module:

@@ -5,8 +5,9 @@ with a warm-up + linear/cosine/constant learning-rate schedule, gradient accumul
 clipping, bf16 autocast on CUDA (float32 on the CPU), periodic evaluation with early stopping,
 ``tqdm`` progress, metrics to ``metrics.jsonl`` and ``metrics.csv``, checkpoints and exact resume,
 and callbacks (rank schedules, GGPO).  Under ``torchrun`` or ``accelerate launch`` it wraps the
-model in ``DistributedDataParallel`` (gloo on the CPU, NCCL on CUDA) and splits every global batch
-evenly over the ranks; a process group that already exists (an ``Accelerator`` built first, or
+model in ``DistributedDataParallel`` (gloo on the CPU, NCCL on CUDA) -- or, with
+``TrainConfig(fsdp=True)``, shards it with FSDP2 (:mod:`~lowrank_theory.training.fsdp`) -- and
+splits every global batch evenly over the ranks; a process group that already exists (an ``Accelerator`` built first, or
 the user's own ``init_process_group``) is joined, not re-created.
 
 Batching.  ``train_data`` is a dict of tensors with a common first dimension :math:`N`.  Step
@@ -55,8 +56,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .fsdp import clip_grad_norm_ as fsdp_clip_grad_norm_
+from .fsdp import gathered, is_sharded, shard_model
 from .injection import adapted_layers
 from .optim import make_optimizer
+from .rank_change import RankSchedule
 from .train_config import (
     TrainConfig,
     init_distributed,
@@ -123,8 +127,8 @@ class Trainer:
         if len(set(sizes.values())) != 1:
             raise ValueError(f"train_data tensors must share their first dimension, got {sizes}")
         self.n_train = next(iter(sizes.values()))
-        self.rank, self.world, local = init_distributed()
         cfg = self.config
+        self.rank, self.world, local = init_distributed(require=cfg.fsdp)
         if cfg.batch_size % (cfg.grad_accum * self.world):
             raise ValueError(
                 f"batch_size={cfg.batch_size} must be divisible by grad_accum*world_size={cfg.grad_accum * self.world}"
@@ -172,8 +176,22 @@ class Trainer:
             g.setdefault("initial_lr", g["lr"])
         return opt
 
+    def _shard(self) -> None:
+        """FSDP2 (``config.fsdp``): shard the model once, before the optimizer is built on its shards."""
+        if is_sharded(self.model):
+            return
+        mp = None
+        if self.device.type == "cuda" and self.config.mixed_precision in ("auto", "bf16"):
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        schedules = any(isinstance(cb, RankSchedule) for cb in self.callbacks)
+        shard_model(self.model, mp_policy=mp, replicate_adapters=schedules)
+
     def _wrap(self) -> None:
-        if self.world > 1:
+        if self.config.fsdp:
+            self.net = self.model  # FSDP2 shards in place (see _shard); nothing to wrap
+        elif self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -240,13 +258,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, float]:
-        """``eval_fn(model, eval_data)`` in eval mode (empty dict without an ``eval_fn``)."""
+        """``eval_fn(model, eval_data)`` in eval mode (empty dict without an ``eval_fn``).
+
+        Under FSDP every rank evaluates, with the parameters gathered whole unless
+        ``config.fsdp_gather_eval`` is False.
+        """
         if self.eval_fn is None:
             return {}
         was = self.model.training
         self.model.eval()
+        whole = self.config.fsdp and self.config.fsdp_gather_eval and is_sharded(self.model)
         try:
-            with torch.no_grad(), self._autocast():
+            with torch.no_grad(), self._autocast(), gathered(self.model) if whole else contextlib.nullcontext():
                 metrics = {k: float(v) for k, v in self.eval_fn(self.model, self.eval_data).items()}
         finally:
             self.model.train(was)
@@ -318,6 +341,8 @@ class Trainer:
         cfg = self.config
         t0 = time.perf_counter()
         torch.manual_seed(cfg.seed + self.rank)
+        if cfg.fsdp:
+            self._shard()
         ckpt = self.out_dir / "checkpoint" if self.out_dir is not None else None
         if resume and ckpt is not None and (ckpt / "trainer_state.json").exists():
             self.load_checkpoint(ckpt)
@@ -381,7 +406,7 @@ class Trainer:
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for j in range(cfg.grad_accum):
             batch = {k: v[idx[j]].to(self.device) for k, v in self.train_data.items()}
-            sync = j == cfg.grad_accum - 1 or self.world == 1
+            sync = j == cfg.grad_accum - 1 or self.world == 1 or cfg.fsdp  # FSDP reduces every micro-batch
             ctx = contextlib.nullcontext() if sync else self.net.no_sync()
             with ctx:
                 with self._autocast():
@@ -393,7 +418,8 @@ class Trainer:
                 ((loss if extra is None else loss + extra) / cfg.grad_accum).backward()
         self._call("after_backward")
         if cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm)
+            clip = fsdp_clip_grad_norm_ if cfg.fsdp else torch.nn.utils.clip_grad_norm_
+            clip([p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm)
         self.optimizer.step()
         self.step += 1  # callbacks see the number of completed steps
         self._call("after_step")

@@ -39,6 +39,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from .checkpoint import plan_load, read_json, read_safetensors, save_adapters
+from .fsdp import full_tensor, is_sharded, shard_like
 from .injection import adapted_layers
 from .train_config import optimizer_from_safetensors, optimizer_to_safetensors
 
@@ -81,18 +82,25 @@ def gather_rng(device: torch.device, world: int) -> dict[str, torch.Tensor]:
 
 # ============================================================================ save
 def save_trainer_checkpoint(trainer: Trainer, path: str | os.PathLike) -> Path:
-    """Write ``trainer``'s checkpoint to ``path`` (rank 0 writes, every rank takes part; atomic rename)."""
+    """Write ``trainer``'s checkpoint to ``path`` (every rank takes part, rank 0 writes; atomic rename).
+
+    Under FSDP the sharded adapter, trainable and optimizer tensors are gathered whole first
+    (collectives, in the same order on every rank), so the files are those of an unsharded run.
+    """
     final = Path(path)
+    tmp = final.with_name(final.name + ".tmp")
     rng = gather_rng(trainer.device, trainer.world)  # collective: every rank takes part
+    sharded = is_sharded(trainer.model)
     if trainer.is_main:
-        tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+    if trainer.is_main or sharded:
         if adapted_layers(trainer.model):
-            save_adapters(trainer.model, tmp)
-        extra = {n: p.detach().cpu().contiguous() for n, p in trainer._extra_trainable().items()}
-        save_file(extra, str(tmp / TRAINABLE_NAME))
+            save_adapters(trainer.model, tmp)  # sharded: a collective, rank 0 writes
+        extra = {n: full_tensor(p.detach()).cpu().contiguous() for n, p in trainer._extra_trainable().items()}
         tensors, skeleton = optimizer_to_safetensors(trainer.optimizer)
+    if trainer.is_main:
+        save_file(extra, str(tmp / TRAINABLE_NAME))
         save_file(tensors, str(tmp / OPTIMIZER_NAME))
         cb_tensors, cb_json = {}, []
         for i, cb in enumerate(trainer.callbacks):
@@ -226,6 +234,8 @@ def _load_optimizer(trainer: Trainer, state: dict[str, Any], tensors: dict[str, 
             if k != "step" and p.is_floating_point() and not t.is_floating_point():
                 raise ValueError(f"{file}: state {pid}.{k} has dtype {t.dtype}, its parameter {p.dtype}")
     fresh_keys = [set(g) - {"params", "param_names"} for g in groups]
+    # the state of a sharded parameter is sharded like it (this rank's part of the whole tensor)
+    tensors = {k: shard_like(t, params[int(k.split(".", 1)[0])]) if t.ndim else t for k, t in tensors.items()}
     try:
         opt.load_state_dict(optimizer_from_safetensors(tensors, skel))
     except (ValueError, KeyError, TypeError, RuntimeError) as exc:
@@ -288,7 +298,7 @@ def load_trainer_checkpoint(trainer: Trainer, path: str | os.PathLike) -> None:
         raise
     with torch.no_grad():
         for k, v in extra.items():
-            params[k].copy_(v)
+            params[k].copy_(shard_like(v.to(params[k].dtype), params[k]))
     trainer.optimizer = opt
     if "torch_cpu" in rng:
         torch.set_rng_state(rng["torch_cpu"])
