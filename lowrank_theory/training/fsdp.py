@@ -232,8 +232,9 @@ def shard_model(
     replicate_adapters : bool, optional
         Keep every adapter parameter whole (rank schedules need it; see the module docstring).
         Default: when the model holds AdaLoRA or SoRA adapters, the methods made for a rank
-        schedule (their regularizer and gates are also read outside the forward, where sharded
-        tensors are not gathered); pass ``True`` for LoRA-Squeeze or IncreLoRA in your own loop.
+        schedule (AdaLoRA, IncreLoRA, SoRA; their regularizer and gates are also read outside the
+        forward, where sharded tensors are not gathered); pass ``True`` for LoRA-Squeeze (plain
+        LoRA adapters) in your own loop.
     reshard_after_forward : bool, optional
         FSDP2's switch (default: blocks reshard, the root keeps its parameters until backward).
 

@@ -54,6 +54,13 @@ def victim(**kw) -> Trainer:
     return tr
 
 
+@pytest.fixture(scope="module")
+def lora_victim():
+    """One victim for all the bad-file cases: each case snapshots it just before its load, and a
+    correct load leaves it as it was for the next (a wrong one fails that case, and likely later ones)."""
+    return victim()
+
+
 def optimizer_snapshot(opt):
     sd = opt.state_dict()
     return {"groups": json.dumps(sd["param_groups"], sort_keys=True, default=str),
@@ -193,12 +200,12 @@ def _check_unchanged_after(tr: Trainer, path, match: str) -> None:
 
 
 @pytest.mark.parametrize("case", sorted(CORRUPTIONS))
-def test_bad_file_raises_naming_it_and_changes_nothing(good, tmp_path, case):
+def test_bad_file_raises_naming_it_and_changes_nothing(good, lora_victim, tmp_path, case):
     bad = tmp_path / "checkpoint"
     shutil.copytree(good, bad)
     corrupt, match = CORRUPTIONS[case]
     corrupt(bad)
-    _check_unchanged_after(victim(), bad, match)
+    _check_unchanged_after(lora_victim, bad, match)
 
 
 def test_another_optimizer_rule_is_refused(good):
@@ -230,6 +237,11 @@ def adalora_ckpt(tmp_path_factory):
     return out / "checkpoint"
 
 
+@pytest.fixture(scope="module")
+def adalora_victim():
+    return victim(method="adalora", rank=4, schedule=True)
+
+
 def _ranks(tr):
     return {n: int(layer.adapter.rank) for n, layer in adapted_layers(tr.model).items()}
 
@@ -254,11 +266,11 @@ def _shrink_importance(t):
     ],
     ids=["optimizer", "callback refuses", "trainable"],
 )
-def test_resize_path_restores_the_old_adapters_and_schedule(adalora_ckpt, tmp_path, corrupt, match):
+def test_resize_path_restores_the_old_adapters_and_schedule(adalora_ckpt, adalora_victim, tmp_path, corrupt, match):
     bad = tmp_path / "checkpoint"
     shutil.copytree(adalora_ckpt, bad)
     corrupt(bad)
-    tr = victim(method="adalora", rank=4, schedule=True)
+    tr = adalora_victim
     assert _ranks(tr) != _saved_ranks(bad)  # the load has to rebuild adapters at the saved ranks
     sched = tr.callbacks[0]
     before = sched.state_dict()
