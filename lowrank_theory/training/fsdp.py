@@ -77,6 +77,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 INFO_ATTR = "_lowrank_theory_fsdp"
+HOOK_ATTR = "_lowrank_theory_grad_sync"
 
 
 # ============================================================================ DTensor helpers
@@ -156,7 +157,6 @@ class _ShardInfo:
     reshard_after_forward: bool | None
     # layer name -> (adapter object, {parameter name: global shape}) of the sharded adapter tensors
     sharded: dict[str, tuple[nn.Module, dict[str, tuple[int, ...]]]] = field(default_factory=dict)
-    hooked: set[int] = field(default_factory=set)
 
 
 def _average_grad(info: _ShardInfo):
@@ -178,10 +178,10 @@ def _attach_grad_sync(model: nn.Module, info: _ShardInfo) -> None:
     params = list(info.kept)
     if info.replicate_adapters:
         params += [p for layer in adapted_layers(model).values() for p in layer.adapter.parameters()]
-    for p in params:
-        if p.requires_grad and id(p) not in info.hooked:
+    for p in params:  # marked on the tensor itself: an id() could be reused by a rank change's new tensor
+        if p.requires_grad and getattr(p, HOOK_ATTR, None) is not info:
             p.register_post_accumulate_grad_hook(_average_grad(info))
-            info.hooked.add(id(p))
+            setattr(p, HOOK_ATTR, info)
 
 
 def _check_adapters(model: nn.Module, info: _ShardInfo) -> None:
