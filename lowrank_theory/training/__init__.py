@@ -4,7 +4,8 @@
   ``"all-linear"``), :func:`merge`, :func:`unmerge`, :func:`disable`, :func:`summary`,
   :func:`unwrap_model` (DDP / ``accelerate`` / ``torch.compile`` wrappers), ...
 * :mod:`~lowrank_theory.training.checkpoint` -- :func:`save_adapters` / :func:`load_adapters`
-  (safetensors + JSON; frozen random bases regenerated from seeds; ``resize=True`` after a rank change).
+  (safetensors + JSON; frozen random bases regenerated from seeds; ``resize=True`` after a rank change;
+  :func:`~lowrank_theory.training.checkpoint.plan_load` validates without writing).
 * :mod:`~lowrank_theory.training.peft_format` -- :func:`export_peft` / :func:`import_peft` in
   PEFT's ``adapter_config.json`` + ``adapter_model.safetensors`` for every method PEFT also has
   (LoRA / rsLoRA / DoRA, AdaLoRA, HiRA = HUT, VeRA, RandLoRA, Uni-LoRA, FourierFT), one table of
@@ -21,7 +22,9 @@
 * :mod:`~lowrank_theory.training.trainer` (settings in :mod:`~lowrank_theory.training.train_config`) --
   :class:`Trainer` / :class:`TrainConfig` (AdamW or any
   rule, LR schedule, accumulation, bf16 on CUDA, eval, early stop, JSONL/CSV metrics, safetensors
-  checkpoints and resume, DDP under ``torchrun`` or ``accelerate launch``).
+  checkpoints and resume, DDP under ``torchrun`` or ``accelerate launch``, FSDP2 with ``fsdp=True``).
+* :mod:`~lowrank_theory.training.fsdp` -- :func:`shard_model` (FSDP2 for injected models: blocks and
+  adapters sharded, shared and rank-changing adapter tensors kept whole), ``gathered``, ``clip_grad_norm_``.
 * :mod:`~lowrank_theory.training.data`, :mod:`~lowrank_theory.training.tasks`,
   :mod:`~lowrank_theory.training.real_updates` -- offline MiniLM and tiny GPT-2, standard-library
   text, the teacher--student and docstring tasks, real fine-tuning updates and gradients.
@@ -40,6 +43,7 @@ from .data import (
     stdlib_sentences,
     tiny_gpt2,
 )
+from .fsdp import shard_model
 from .increlora import IncreLoRASchedule, grow_adalora
 from .injection import (
     adapted_layers,
@@ -106,6 +110,7 @@ __all__ = [
     "real_layer_gradients",
     "remap_optimizer",
     "save_adapters",
+    "shard_model",
     "squeeze_model",
     "stdlib_sentences",
     "summary",

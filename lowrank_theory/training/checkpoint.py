@@ -16,27 +16,42 @@ A checkpoint is a directory with two files:
 Only safetensors is read or written (never pickle / ``torch.load``).  :func:`load_adapters`
 validates everything -- the files parse, every tensor is finite, the layer set, methods, shapes,
 configs, keys, tensor shapes and dtypes agree -- before it writes a single tensor, so a bad file
-raises ``ValueError`` and leaves the model as it was.
+raises ``ValueError`` and leaves the model as it was (:func:`plan_load` is the validation alone).
+Models sharded by FSDP2 save the same files (every rank calls :func:`save_adapters`, rank 0
+writes) and load them shard by shard.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import __version__
 from ..adapters import Adapter
+from .fsdp import full_tensor, is_sharded, shard_like
 from .injection import CONFIG_ATTR, InjectionPlan, adapted_layers, prepare, to_json, unwrap_model
 
-__all__ = ["CONFIG_NAME", "FORMAT", "WEIGHTS_NAME", "adapter_state", "load_adapters", "save_adapters"]
+__all__ = [
+    "CONFIG_NAME",
+    "FORMAT",
+    "WEIGHTS_NAME",
+    "LoadPlan",
+    "adapter_state",
+    "load_adapters",
+    "plan_load",
+    "save_adapters",
+]
 
 WEIGHTS_NAME = "adapters.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -135,15 +150,22 @@ def save_adapters(model: nn.Module, path: str | os.PathLike) -> Path:
     ------
     ValueError
         If the model has no adapted layer or an adapter tensor holds NaN/Inf.
+
+    Notes
+    -----
+    On a model sharded by FSDP2 (:func:`~lowrank_theory.training.fsdp.shard_model`) this is a
+    collective: every rank calls it, the sharded tensors are gathered, and rank 0 writes the
+    same files an unsharded model gives.
     """
     layers = adapted_layers(model)
     if not layers:
         raise ValueError("model has no adapted layer; nothing to save")
     state, aliases = adapter_state({n: layer.adapter for n, layer in layers.items()})
+    sharded = is_sharded(model)  # FSDP: every rank calls, rank 0 writes
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
-    for k, v in state.items():
-        t = v.detach().to("cpu").contiguous()
+    for k, v in state.items():  # the same order on every rank: the gathers of sharded tensors match up
+        t = full_tensor(v.detach()).to("cpu").contiguous()
         if t.numel() and t.data_ptr() in seen:  # safetensors refuses tensors that share memory
             t = t.clone()
         seen.add(t.data_ptr())
@@ -171,6 +193,8 @@ def save_adapters(model: nn.Module, path: str | os.PathLike) -> Path:
         "tensors": {k: {"shape": list(t.shape), "dtype": _dtype_name(t.dtype)} for k, t in tensors.items()},
     }
     out = Path(path)
+    if sharded and dist.get_rank() != 0:
+        return out  # rank 0 writes
     out.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", "library": FORMAT}
     _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata=meta))
@@ -306,10 +330,140 @@ def _resized(layer_adapters: dict[str, Adapter], config: dict[str, Any]) -> dict
     return out
 
 
+class LoadPlan:
+    """A checkpoint load that :func:`plan_load` validated and has not yet written.
+
+    Every file was read and checked against the model; nothing of the model changed.
+    :meth:`apply` writes it (replaying the injection, swapping resized adapters in, copying the
+    tensors); :meth:`applying` does the same around a block of the caller's own checks that need
+    the new modules in place (the trainer builds its optimizer and loads its callbacks there), and
+    puts the old modules back if the block raises.
+
+    Attributes
+    ----------
+    model : nn.Module
+        The model the plan was made for.
+    adapters : dict of str to Adapter
+        ``{layer name: adapter}`` as they will be after :meth:`apply` (new ones where a layer is
+        rebuilt or injected).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapters: dict[str, Adapter],
+        plans: list[InjectionPlan],
+        swaps: dict[str, Adapter],
+        pairs: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> None:
+        self.model = model
+        self.adapters = adapters
+        self._plans, self._swaps, self._pairs = plans, swaps, pairs
+        self.applied = False
+
+    def _check_fresh(self) -> None:
+        if self.applied:
+            raise RuntimeError("this LoadPlan was already applied")
+
+    @contextlib.contextmanager
+    def applying(self) -> Iterator[nn.Module]:
+        """Swap the resized adapters in for the block; copy the tensors when it ends without error.
+
+        If the block raises, the model's previous adapter modules are put back (the very same
+        objects, so every tensor is as it was) and the exception propagates.  Only for plans made
+        with ``inject=False`` (an injection is not undone); use :meth:`apply` otherwise.
+        """
+        self._check_fresh()
+        if self._plans:
+            raise RuntimeError("applying() needs a plan made with inject=False; use apply()")
+        root = unwrap_model(self.model)
+        old = {}
+        for n, new in self._swaps.items():
+            layer = root.get_submodule(n)
+            old[n] = layer.adapter
+            layer.adapter = new
+        try:
+            yield self.model
+        except BaseException:
+            for n, ad in old.items():
+                root.get_submodule(n).adapter = ad
+            raise
+        self._copy()
+
+    def _copy(self) -> None:
+        with torch.no_grad():
+            for dst, src in self._pairs:
+                dst.copy_(shard_like(src.to(dst.dtype), dst))  # a sharded tensor keeps this rank's part
+        self.applied = True
+
+    def apply(self) -> nn.Module:
+        """Write the checkpoint into the model; return the model."""
+        self._check_fresh()
+        if not self._plans:
+            with self.applying():
+                pass
+            return self.model
+        for plan in self._plans:
+            plan.apply()
+        self._copy()
+        return self.model
+
+
+def plan_load(
+    model: nn.Module, path: str | os.PathLike, *, inject: bool = False, resize: bool = False, **overrides: Any
+) -> LoadPlan:
+    """Read and validate a checkpoint written by :func:`save_adapters`; change nothing.
+
+    Parameters are those of :func:`load_adapters`, which is ``plan_load(...).apply()``.
+
+    Returns
+    -------
+    LoadPlan
+        The validated load; its :meth:`~LoadPlan.apply` writes it.
+
+    Raises
+    ------
+    ValueError
+        As :func:`load_adapters`.  The model is unchanged (and so is the global torch RNG:
+        adapters rebuilt for ``resize`` are drawn under a forked RNG).
+    """
+    if overrides and not inject:
+        raise TypeError(f"config overrides {sorted(overrides)} are only used with inject=True")
+    root = Path(path)
+    config = read_json(root / CONFIG_NAME, "load_adapters")
+    if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"load_adapters: {root / CONFIG_NAME} is not a {FORMAT} v{FORMAT_VERSION} config "
+            f"(format={config.get('format')!r}, version={config.get('format_version')!r})"
+        )
+    tensors = read_safetensors(root / WEIGHTS_NAME, "load_adapters")
+    with torch.random.fork_rng(devices=[]):  # building adapters draws random inits: leave the caller's RNG
+        if inject:
+            plans = _replay(model, config, overrides)
+            layer_adapters = {n: ad for plan in plans for n, ad in plan.adapters.items()}
+        else:
+            plans = []
+            layers = adapted_layers(model)
+            merged = [n for n, layer in layers.items() if layer.merged]
+            if merged:
+                raise ValueError(f"layers {merged[:5]} are merged; unmerge(model) before loading adapters")
+            layer_adapters = {n: layer.adapter for n, layer in layers.items()}
+            if not layer_adapters:
+                raise ValueError("model has no adapted layer; inject() it first or pass inject=True")
+        swaps = _resized(layer_adapters, config) if resize else {}
+    layer_adapters = {**layer_adapters, **swaps}
+    for plan in plans:
+        plan.adapters.update({n: a for n, a in swaps.items() if n in plan.adapters})
+    pairs = _validate(layer_adapters, config, tensors)
+    return LoadPlan(model, layer_adapters, plans, {} if plans else swaps, pairs)
+
+
 def load_adapters(
     model: nn.Module, path: str | os.PathLike, *, inject: bool = False, resize: bool = False, **overrides: Any
 ) -> nn.Module:
     """Load a checkpoint written by :func:`save_adapters` into ``model``.
+
+    Everything is validated first (:func:`plan_load`), then written (:meth:`LoadPlan.apply`).
 
     Parameters
     ----------
@@ -342,39 +496,4 @@ def load_adapters(
         config, a missing or unexpected key, a tensor of the wrong shape or dtype kind, or a
         merged layer.  The model is left unchanged.
     """
-    if overrides and not inject:
-        raise TypeError(f"config overrides {sorted(overrides)} are only used with inject=True")
-    root = Path(path)
-    config = read_json(root / CONFIG_NAME, "load_adapters")
-    if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"load_adapters: {root / CONFIG_NAME} is not a {FORMAT} v{FORMAT_VERSION} config "
-            f"(format={config.get('format')!r}, version={config.get('format_version')!r})"
-        )
-    tensors = read_safetensors(root / WEIGHTS_NAME, "load_adapters")
-    if inject:
-        plans = _replay(model, config, overrides)
-        layer_adapters = {n: ad for plan in plans for n, ad in plan.adapters.items()}
-    else:
-        plans = []
-        layers = adapted_layers(model)
-        merged = [n for n, layer in layers.items() if layer.merged]
-        if merged:
-            raise ValueError(f"layers {merged[:5]} are merged; unmerge(model) before loading adapters")
-        layer_adapters = {n: layer.adapter for n, layer in layers.items()}
-        if not layer_adapters:
-            raise ValueError("model has no adapted layer; inject() it first or pass inject=True")
-    swaps = _resized(layer_adapters, config) if resize else {}
-    layer_adapters = {**layer_adapters, **swaps}
-    for plan in plans:
-        plan.adapters.update({n: a for n, a in swaps.items() if n in plan.adapters})
-    pairs = _validate(layer_adapters, config, tensors)
-    if not plans:
-        for n, new in swaps.items():
-            unwrap_model(model).get_submodule(n).adapter = new
-    for plan in plans:
-        plan.apply()
-    with torch.no_grad():
-        for dst, src in pairs:
-            dst.copy_(src)
-    return model
+    return plan_load(model, path, inject=inject, resize=resize, **overrides).apply()

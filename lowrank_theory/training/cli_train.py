@@ -127,7 +127,7 @@ def run_one(method: str, args: argparse.Namespace, out_dir: Path) -> dict[str, A
         lr_schedule=args.lr_schedule, warmup_steps=args.warmup, eval_every=args.eval_every,
         early_stop_patience=args.patience, early_stop_metric=task.metric, early_stop_mode=task.mode,
         out_dir=str(out_dir), seed=args.seed, progress=not args.no_progress, device=args.device,
-        max_grad_norm=args.max_grad_norm, train_mode=not args.no_dropout,
+        max_grad_norm=args.max_grad_norm, train_mode=not args.no_dropout, fsdp=getattr(args, "fsdp", False),
     )
     trainer = Trainer(task.model, task.train, task.loss_fn, eval_data=task.test, eval_fn=task.eval_fn,
                       config=tcfg, callbacks=callbacks)
@@ -290,6 +290,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--out", default="lrt-train", help="output folder (default: lrt-train)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
+    p.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (launch with torchrun)")
     p.add_argument("--no-progress", dest="no_progress", action="store_true")
     p.set_defaults(func=_cmd_train)
     return p

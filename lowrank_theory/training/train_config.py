@@ -29,7 +29,7 @@ __all__ = [
 
 @dataclass
 class TrainConfig:
-    """Settings of a :class:`Trainer` run (all JSON-able; saved with checkpoints).
+    r"""Settings of a :class:`Trainer` run (all JSON-able; saved with checkpoints).
 
     Attributes
     ----------
@@ -71,6 +71,16 @@ class TrainConfig:
         Default ``cuda:<local_rank>`` when CUDA is available, else ``cpu``.
     train_mode : bool
         Put the model in ``train()`` mode (dropout on) while training.
+    fsdp : bool
+        Shard the model with FSDP2 (:func:`~lowrank_theory.training.fsdp.shard_model`) instead of
+        wrapping it in DDP; needs ``torchrun`` (any ``--nproc_per_node``, 1 included).  On CUDA with
+        ``mixed_precision`` ``"auto"``/``"bf16"`` FSDP computes in bf16 and reduces in fp32.
+    fsdp_gather_eval : bool
+        Under FSDP, run ``eval_fn`` with the parameters gathered whole
+        (:func:`~lowrank_theory.training.fsdp.gathered`), so evaluations that read weights
+        directly (the teacher task's :math:`\Delta W` error) work; every rank then holds the whole
+        model during evaluation.  ``False`` evaluates sharded: enough for an ``eval_fn`` that only
+        runs forwards, and what a model too large for one device needs.
     """
 
     steps: int = 100
@@ -95,6 +105,8 @@ class TrainConfig:
     progress: bool = True
     device: str | None = None
     train_mode: bool = True
+    fsdp: bool = False
+    fsdp_gather_eval: bool = True
 
     def validate(self) -> TrainConfig:
         """Check every field (``ValueError`` naming it)."""
@@ -114,6 +126,9 @@ class TrainConfig:
             raise ValueError(f"mixed_precision must be 'auto', 'bf16' or 'no', got {self.mixed_precision!r}")
         if self.early_stop_mode not in ("min", "max"):
             raise ValueError(f"early_stop_mode must be 'min' or 'max', got {self.early_stop_mode!r}")
+        for name in ("fsdp", "fsdp_gather_eval"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
             raise ValueError(f"max_grad_norm must be finite and > 0 or None, got {self.max_grad_norm!r}")
         return self
@@ -133,15 +148,25 @@ def lr_factor(step: int, steps: int, warmup: int, kind: str) -> float:
     return 1.0 - frac if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
-def init_distributed() -> tuple[int, int, int]:
-    """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1); return ``(rank, world, local_rank)``.
+def init_distributed(*, require: bool = False) -> tuple[int, int, int]:
+    """Join the process group ``torchrun`` describes; return ``(rank, world, local_rank)``.
 
     Uses NCCL when CUDA is available, gloo otherwise; does nothing when already initialized or
-    when not launched by ``torchrun``.
+    when not launched by ``torchrun``.  Without ``require`` a group is made only for
+    ``WORLD_SIZE`` > 1; with it (FSDP) also for one process, and its absence is an error.
+
+    Raises
+    ------
+    ValueError
+        ``require`` and neither a process group nor ``torchrun``'s environment.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if world > 1 and dist.is_available() and not dist.is_initialized():
+    launched = "MASTER_ADDR" in os.environ and "RANK" in os.environ
+    if require and not (dist.is_available() and (dist.is_initialized() or launched)):
+        raise ValueError("fsdp=True needs torch.distributed: launch with torchrun (even --nproc_per_node 1) "
+                         "or call init_process_group first")
+    if (world > 1 or (require and launched)) and dist.is_available() and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(local)
@@ -160,7 +185,12 @@ def peak_memory_mb(device: torch.device) -> float:
 
 # ============================================================================ optimizer state <-> safetensors
 def optimizer_to_safetensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """``opt.state_dict()`` split into tensors (``"<param id>.<key>"``, for safetensors) and a JSON skeleton."""
+    """``opt.state_dict()`` split into tensors (``"<param id>.<key>"``, for safetensors) and a JSON skeleton.
+
+    State of sharded (``DTensor``) parameters is gathered whole: then a collective, called by every rank.
+    """
+    from .fsdp import full_tensor
+
     sd = opt.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     state_json: dict[str, dict[str, Any]] = {}
@@ -168,7 +198,7 @@ def optimizer_to_safetensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torc
         state_json[str(pid)] = {}
         for k, v in st.items():
             if isinstance(v, torch.Tensor):
-                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
+                tensors[f"{pid}.{k}"] = full_tensor(v.detach()).cpu().contiguous()
             else:
                 state_json[str(pid)][k] = v
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]

@@ -5,8 +5,9 @@ with a warm-up + linear/cosine/constant learning-rate schedule, gradient accumul
 clipping, bf16 autocast on CUDA (float32 on the CPU), periodic evaluation with early stopping,
 ``tqdm`` progress, metrics to ``metrics.jsonl`` and ``metrics.csv``, checkpoints and exact resume,
 and callbacks (rank schedules, GGPO).  Under ``torchrun`` or ``accelerate launch`` it wraps the
-model in ``DistributedDataParallel`` (gloo on the CPU, NCCL on CUDA) and splits every global batch
-evenly over the ranks; a process group that already exists (an ``Accelerator`` built first, or
+model in ``DistributedDataParallel`` (gloo on the CPU, NCCL on CUDA) -- or, with
+``TrainConfig(fsdp=True)``, shards it with FSDP2 (:mod:`~lowrank_theory.training.fsdp`) -- and
+splits every global batch evenly over the ranks; a process group that already exists (an ``Accelerator`` built first, or
 the user's own ``init_process_group``) is joined, not re-created.
 
 Batching.  ``train_data`` is a dict of tensors with a common first dimension :math:`N`.  Step
@@ -23,7 +24,10 @@ tensors (a classifier head) in ``trainable.safetensors``, the optimizer state as
 ``optimizer.safetensors`` plus its JSON skeleton, the callbacks' state, every rank's RNG state,
 and the step in ``trainer_state.json``.  :meth:`Trainer.fit` with ``resume=True`` continues bit for bit
 (on the same device and world size) from there; adapters whose rank a schedule changed are
-rebuilt at the saved rank first (``load_adapters(..., resize=True)``).
+rebuilt at the saved rank first (``plan_load(..., resize=True)``).  Every file is validated against
+the run before anything changes, so a bad checkpoint raises ``ValueError`` naming the file and
+leaves model, optimizer, callbacks and RNG as they were
+(:mod:`~lowrank_theory.training.trainer_checkpoint`).
 
 Under DDP every rank evaluates the same data (so early-stopping decisions agree without
 communication) and only rank 0 writes files; each rank's RNG state is saved and restored.
@@ -43,10 +47,8 @@ import inspect
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -54,17 +56,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import load_adapters, read_json, read_safetensors, save_adapters
+from .fsdp import clip_grad_norm_ as fsdp_clip_grad_norm_
+from .fsdp import gathered, is_sharded, shard_model
 from .injection import adapted_layers
 from .optim import make_optimizer
+from .rank_change import RankSchedule
 from .train_config import (
     TrainConfig,
     init_distributed,
     lr_factor,
-    optimizer_from_safetensors,
-    optimizer_to_safetensors,
     peak_memory_mb,
 )
+from .trainer_checkpoint import load_trainer_checkpoint, save_trainer_checkpoint
 
 __all__ = ["TrainConfig", "Trainer", "init_distributed", "lr_factor"]
 
@@ -124,8 +127,8 @@ class Trainer:
         if len(set(sizes.values())) != 1:
             raise ValueError(f"train_data tensors must share their first dimension, got {sizes}")
         self.n_train = next(iter(sizes.values()))
-        self.rank, self.world, local = init_distributed()
         cfg = self.config
+        self.rank, self.world, local = init_distributed(require=cfg.fsdp)
         if cfg.batch_size % (cfg.grad_accum * self.world):
             raise ValueError(
                 f"batch_size={cfg.batch_size} must be divisible by grad_accum*world_size={cfg.grad_accum * self.world}"
@@ -173,8 +176,22 @@ class Trainer:
             g.setdefault("initial_lr", g["lr"])
         return opt
 
+    def _shard(self) -> None:
+        """FSDP2 (``config.fsdp``): shard the model once, before the optimizer is built on its shards."""
+        if is_sharded(self.model):
+            return
+        mp = None
+        if self.device.type == "cuda" and self.config.mixed_precision in ("auto", "bf16"):
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        schedules = any(isinstance(cb, RankSchedule) for cb in self.callbacks)
+        shard_model(self.model, mp_policy=mp, replicate_adapters=schedules)
+
     def _wrap(self) -> None:
-        if self.world > 1:
+        if self.config.fsdp:
+            self.net = self.model  # FSDP2 shards in place (see _shard); nothing to wrap
+        elif self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -241,13 +258,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, float]:
-        """``eval_fn(model, eval_data)`` in eval mode (empty dict without an ``eval_fn``)."""
+        """``eval_fn(model, eval_data)`` in eval mode (empty dict without an ``eval_fn``).
+
+        Under FSDP every rank evaluates, with the parameters gathered whole unless
+        ``config.fsdp_gather_eval`` is False.
+        """
         if self.eval_fn is None:
             return {}
         was = self.model.training
         self.model.eval()
+        whole = self.config.fsdp and self.config.fsdp_gather_eval and is_sharded(self.model)
         try:
-            with torch.no_grad(), self._autocast():
+            with torch.no_grad(), self._autocast(), gathered(self.model) if whole else contextlib.nullcontext():
                 metrics = {k: float(v) for k, v in self.eval_fn(self.model, self.eval_data).items()}
         finally:
             self.model.train(was)
@@ -271,101 +293,29 @@ class Trainer:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad and id(p) not in in_adapters}
 
     def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path | None:
-        """Write a checkpoint (rank 0; other ranks wait); default ``<out_dir>/checkpoint``."""
-        from safetensors.torch import save_file
+        """Write a checkpoint (rank 0; other ranks wait); default ``<out_dir>/checkpoint``.
 
+        The files are described in :mod:`~lowrank_theory.training.trainer_checkpoint`.
+        """
         if path is None:
             if self.out_dir is None:
                 raise ValueError("save_checkpoint needs a path or config.out_dir")
             path = self.out_dir / "checkpoint"
-        final = Path(path)
-        rng = self._gather_rng()  # collective: every rank takes part
-        if self.is_main:
-            tmp = final.with_name(final.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            if adapted_layers(self.model):
-                save_adapters(self.model, tmp)
-            extra = {n: p.detach().cpu().contiguous() for n, p in self._extra_trainable().items()}
-            save_file(extra, str(tmp / "trainable.safetensors"))
-            tensors, skeleton = optimizer_to_safetensors(self.optimizer)
-            save_file(tensors, str(tmp / "optimizer.safetensors"))
-            cb_tensors, cb_json = {}, []
-            for i, cb in enumerate(self.callbacks):
-                state = cb.state_dict() if callable(getattr(cb, "state_dict", None)) else {}
-                cb_json.append({k: v for k, v in state.items() if not isinstance(v, torch.Tensor)})
-                cb_tensors.update({f"{i}.{k}": v.detach().cpu().contiguous() for k, v in state.items()
-                                   if isinstance(v, torch.Tensor)})
-            save_file(cb_tensors, str(tmp / "callbacks.safetensors"))
-            save_file(rng, str(tmp / "rng.safetensors"))
-            state = {"step": self.step, "best": self.best, "bad_evals": self.bad_evals, "world_size": self.world,
-                     "config": asdict(self.config), "optimizer": skeleton, "callbacks": cb_json,
-                     "optimizer_class": type(self.optimizer).__name__}
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
-            old = final.with_name(final.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            if final.exists():
-                final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        if self.world > 1:
-            dist.barrier()
-        return final
-
-    def _rng_states(self) -> dict[str, torch.Tensor]:
-        out = {"torch_cpu": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            out["torch_cuda"] = torch.cuda.get_rng_state(self.device)
-        return out
-
-    def _gather_rng(self) -> dict[str, torch.Tensor]:
-        """Every rank's RNG states as ``{"<kind>.<rank>": state}`` (an all-gather under DDP)."""
-        mine = self._rng_states()
-        if self.world == 1:
-            return {f"{k}.0": v for k, v in mine.items()}
-        out = {}
-        on = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
-        for k, v in mine.items():
-            parts = [torch.empty_like(v, device=on) for _ in range(self.world)]
-            dist.all_gather(parts, v.to(on))
-            out.update({f"{k}.{r}": t.cpu() for r, t in enumerate(parts)})
-        return out
+        return save_trainer_checkpoint(self, path)
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
-        """Restore model tensors, optimizer, callbacks, RNG and step from ``path`` (see :meth:`fit`)."""
-        root = Path(path)
-        state = read_json(root / "trainer_state.json", "load_checkpoint")
-        if state.get("world_size", 1) != self.world:
-            log.warning("checkpoint written with world_size=%s, resuming with %s: the data order differs",
-                        state.get("world_size"), self.world)
-        if adapted_layers(self.model):
-            load_adapters(self.model, root, resize=True)
-        extra = read_safetensors(root / "trainable.safetensors", "load_checkpoint")
-        params = self._extra_trainable()
-        if set(extra) != set(params):
-            raise ValueError(f"trainable tensors differ: file {sorted(extra)[:5]}, model {sorted(params)[:5]}")
-        with torch.no_grad():
-            for k, v in extra.items():
-                params[k].copy_(v)
-        self.optimizer = self._make_optimizer()
-        if state.get("optimizer_class") != type(self.optimizer).__name__:
-            raise ValueError(f"checkpoint optimizer is {state.get('optimizer_class')}, "
-                             f"this run builds {type(self.optimizer).__name__}")
-        opt_tensors = read_safetensors(root / "optimizer.safetensors", "load_checkpoint")
-        self.optimizer.load_state_dict(optimizer_from_safetensors(opt_tensors, state["optimizer"]))
-        cb_tensors = read_safetensors(root / "callbacks.safetensors", "load_checkpoint")
-        cb_json = state.get("callbacks", [])
-        for i, cb in enumerate(self.callbacks):
-            if callable(getattr(cb, "load_state_dict", None)):
-                st = dict(cb_json[i]) if i < len(cb_json) else {}
-                st.update({k.split(".", 1)[1]: v for k, v in cb_tensors.items() if k.split(".", 1)[0] == str(i)})
-                cb.load_state_dict(st)
-        rng = read_safetensors(root / "rng.safetensors", "load_checkpoint")
-        if f"torch_cpu.{self.rank}" in rng:
-            torch.set_rng_state(rng[f"torch_cpu.{self.rank}"])
-        if self.device.type == "cuda" and f"torch_cuda.{self.rank}" in rng:
-            torch.cuda.set_rng_state(rng[f"torch_cuda.{self.rank}"], self.device)
-        self.step, self.best, self.bad_evals = int(state["step"]), state.get("best"), int(state.get("bad_evals", 0))
+        """Restore model tensors, optimizer, callbacks, RNG and step from ``path`` (see :meth:`fit`).
+
+        Every file is validated against this run before anything changes
+        (:func:`~lowrank_theory.training.trainer_checkpoint.load_trainer_checkpoint`).
+
+        Raises
+        ------
+        ValueError
+            A bad or mismatched file, named in the message; the model, optimizer, callbacks and
+            RNG are left as they were.
+        """
+        load_trainer_checkpoint(self, path)
 
     # ------------------------------------------------------------------ the loop
     def fit(self, *, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
@@ -391,6 +341,8 @@ class Trainer:
         cfg = self.config
         t0 = time.perf_counter()
         torch.manual_seed(cfg.seed + self.rank)
+        if cfg.fsdp:
+            self._shard()
         ckpt = self.out_dir / "checkpoint" if self.out_dir is not None else None
         if resume and ckpt is not None and (ckpt / "trainer_state.json").exists():
             self.load_checkpoint(ckpt)
@@ -454,7 +406,7 @@ class Trainer:
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for j in range(cfg.grad_accum):
             batch = {k: v[idx[j]].to(self.device) for k, v in self.train_data.items()}
-            sync = j == cfg.grad_accum - 1 or self.world == 1
+            sync = j == cfg.grad_accum - 1 or self.world == 1 or cfg.fsdp  # FSDP reduces every micro-batch
             ctx = contextlib.nullcontext() if sync else self.net.no_sync()
             with ctx:
                 with self._autocast():
@@ -466,7 +418,8 @@ class Trainer:
                 ((loss if extra is None else loss + extra) / cfg.grad_accum).backward()
         self._call("after_backward")
         if cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm)
+            clip = fsdp_clip_grad_norm_ if cfg.fsdp else torch.nn.utils.clip_grad_norm_
+            clip([p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm)
         self.optimizer.step()
         self.step += 1  # callbacks see the number of completed steps
         self._call("after_step")

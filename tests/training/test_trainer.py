@@ -58,14 +58,17 @@ def train_tiny(out: str, grad_accum: int = 1, steps: int = 4, stop_after: int | 
     return Trainer(task.model, task.train, task.loss_fn, config=cfg).fit(stop_after=stop_after, resume=resume)
 
 
-def torchrun(tmp_path: Path, body: str, *args: str) -> None:
-    """Run ``body`` (Python, with ``sys.argv[1:] == args``) in 2 processes under torchrun (gloo, CPU)."""
+def torchrun(tmp_path: Path, body: str, *args: str, nproc: int = 2) -> None:
+    """Run ``body`` (Python, with ``sys.argv[1:] == args``) in ``nproc`` processes under torchrun
+    (gloo on the CPU, NCCL on CUDA); on failure show the ranks' own tracebacks."""
     script = tmp_path / f"worker_{abs(hash(body))}.py"
     script.write_text("import sys\nfrom tests.training.test_trainer import train_tiny\n" + body)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), str(script),
+           *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = "\n".join(line for line in proc.stderr.splitlines() if line.startswith("[rank"))
+    assert proc.returncode == 0, (ranks or proc.stderr)[-4000:]
 
 
 def adapter_tensors(out: Path) -> dict[str, torch.Tensor]:
