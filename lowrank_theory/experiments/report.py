@@ -68,7 +68,7 @@ def _links(mod: ModuleType, out: Path, files: list[str]) -> list[tuple[str, str 
         links.append((f"notebook {Path(nb).name}", repo(nb)))
     for pr in getattr(mod, "PROOFS", ()):
         links.append((f"proof {Path(pr).stem}", repo(pr)))
-    code = f"lowrank_theory/experiments/{Path(mod.__file__).name}"
+    code = mod.__name__.replace(".", "/") + ".py"
     links.append((f"code {code}", repo(code)))
     for name, arxiv in getattr(mod, "PAPERS", ()):
         links.append((f"{name} (arXiv:{arxiv})", f"https://arxiv.org/abs/{arxiv}"))
