@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 
+from matplotlib.ticker import NullFormatter
+
 from ..theory.expressivity import expressivity_table
 from ..theory.targets import make_target
 from ._evidence import Evidence, problems
@@ -120,7 +122,8 @@ def plot(rows: list[dict], path) -> list:
     methods = list(dict.fromkeys(r["method"] for r in rows))
     sty = styles(methods)
     label = {}
-    many_budgets = len({r["budget"] for r in rows}) > 1
+    budgets = sorted({r["budget"] for r in rows})
+    many_budgets = len(budgets) > 1
     for m in methods:  # a method capped below the budgets (SVFit, LoLDU: min(m, n) values) says so
         used = {r["params"] for r in rows if r["method"] == m}
         label[m] = f"{m} ({next(iter(used))} params at every budget)" if many_budgets and len(used) == 1 else m
@@ -142,7 +145,9 @@ def plot(rows: list[dict], path) -> list:
                   loc="lower left")
         ax.set_title(t)
         ax.set_xscale("log")
-        ax.set_xlabel("trainable parameters")
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("parameter budget")
         ax.set_ylabel("relative error")
         ax.set_ylim(-0.04, 1.05)
     for ax in axes.ravel()[len(targets):]:
