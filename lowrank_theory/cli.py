@@ -27,6 +27,18 @@ def _is_main_process() -> bool:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    if args.name:
+        from . import method_index
+
+        try:
+            method_index.entry(args.name)
+        except ValueError as exc:
+            return _error("info", str(exc))
+        if args.json:
+            print(json.dumps(method_index.describe(args.name), indent=2))
+        else:
+            print(method_index.format_entry(args.name))
+        return 0
     from . import __version__, adapters, backend, linalg
     from .training.cli_train import method_names
     from .training.optim import RULES
@@ -98,7 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = p.add_subparsers(dest="command", required=True, metavar="{info,reproduce,train}")
-    pi = sub.add_parser("info", help="backends found, devices, versions, every method and training rule")
+    pi = sub.add_parser("info", help="backends, devices, versions, every method and rule; or one method's entry",
+                        description="Without NAME: backends found, devices, versions, every registered adapter, "
+                                    "every name `train --method` accepts and the training rules.  With NAME: that "
+                                    "method's index entry (paper, formula, class and file, parameter count, tests, "
+                                    "proofs, notebooks, PEFT counterpart, export support; docs/methods.md).")
+    pi.add_argument("name", nargs="?", metavar="NAME", help="a method, adapter or training rule (e.g. loca, lorapro)")
     pi.add_argument("--json", action="store_true", help="print JSON instead of a table")
     pi.set_defaults(func=_cmd_info)
     pr = sub.add_parser("reproduce", help="run the experiments, write figures, tables and a report",
