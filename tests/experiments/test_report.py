@@ -15,10 +15,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lowrank_theory import experiments
+from lowrank_theory.backend import cupy_available
 from lowrank_theory.cli import main
 from lowrank_theory.experiments import EXPERIMENTS, load
 from lowrank_theory.experiments._evidence import OPS, Evidence, problems, status, worst_per_part
 from lowrank_theory.experiments._plot import plt, save
+from lowrank_theory.experiments._provenance import experiment_settings
 from lowrank_theory.experiments._render import fmt
 from lowrank_theory.experiments.report import run_experiments
 from lowrank_theory.preflight import atomic_write_text
@@ -79,7 +81,9 @@ def test_experiment_declares_evidence_papers_notebook_and_proofs(name):
     assert callable(mod.evidence) and callable(mod.check) and callable(mod.plot)
     assert mod.PAPERS and all(re.fullmatch(r"\d{4}\.\d{4,5}", arxiv) for _, arxiv in mod.PAPERS)
     assert (ROOT / mod.NOTEBOOK).is_file()
-    assert f"experiments import {name}" in (ROOT / mod.NOTEBOOK).read_text()
+    nb = (ROOT / mod.NOTEBOOK).read_text()
+    assert f"experiments import {name}" in nb
+    assert "# **Reading" in nb, f"{mod.NOTEBOOK} has no Reading cell (where we agree with the paper, where not)"
     assert all((ROOT / p).is_file() for p in mod.PROOFS)
     assert hasattr(mod, "ENGINE") or hasattr(mod, "BACKENDS")
 
@@ -272,3 +276,34 @@ def test_run_experiments_checks_out_before_running(tmp_path, fakes):
         run_experiments(["watched"], f, progress=False)
     assert called == [] and f.read_text() == "keep"
     assert experiments.names()  # the registry is intact after the fakes
+
+
+# ============================================================================ GPU: the backend named is the one used
+@pytest.mark.gpu
+@pytest.mark.skipif(not cupy_available(), reason="no CuPy GPU backend")
+def test_gradients_really_run_on_cupy(tmp_path, monkeypatch):
+    """``--backend cupy`` computes the synthetic steps on CuPy (not NumPy under a "cupy" label), with the
+    same numbers as NumPy to float64 round-off."""
+    import cupy
+
+    from lowrank_theory.experiments import gradients
+    from lowrank_theory.theory import gradients as theory
+
+    seen = []
+    real = theory.compare_steps
+
+    def spy(G, *a, **k):
+        seen.append(type(G).__module__.split(".")[0])
+        return real(G, *a, **k)
+
+    monkeypatch.setattr(gradients, "compare_steps", spy)
+    monkeypatch.setitem(gradients.SCALES, "tiny", dict(m=12, n=8, ranks=[1, 2], trials=1, real_ranks=[],
+                                                       real_batches=2))
+    rows = gradients.run("tiny", backend="cupy")
+    ref = gradients.run("tiny", backend="numpy")
+    assert set(seen[: len(seen) // 2]) == {"cupy"} and cupy.cuda.runtime.getDeviceCount() > 0
+    for a, b in zip(rows, ref):
+        # float64 on both sides from the same host-drawn inputs: only the order of reductions differs
+        assert a["method"] == b["method"] and a["rel_error"] == pytest.approx(b["rel_error"], rel=1e-10, abs=1e-12)
+    assert gradients.check(rows) == []
+    assert experiment_settings(gradients, "quick", backend="cupy", device="cpu", seed=0)["engine"] == "cupy"
