@@ -4,6 +4,29 @@ Each module exposes ``NAME``, ``TITLE``, ``CLAIM``, ``run(scale="quick", *, back
 device="cpu", seed=0) -> list[dict]`` (a tidy table), ``check(rows) -> list[str]`` (the claim
 evaluated on the numbers: an empty list means it holds) and ``plot(rows, path)`` (draws the figure
 with matplotlib).  The CLI, the notebooks and the tests share them.
+
+Optional hooks, read by the report (:mod:`.report`); a module without them still runs and renders,
+with the fallback named:
+
+``evidence(rows) -> list[Evidence]``
+    The deciding numbers: one :class:`._evidence.Evidence` per comparison the claim is checked on
+    (our value, the relation, the reference, the tolerance and how it was chosen, the paper's own
+    value or finding where it gives one, and whether the comparison is *checked* or only
+    *reported* beside the paper).  Define ``check(rows)`` as ``problems(evidence(rows))`` so the
+    exit code and the report's table come from the same numbers; the report calls ``evidence``
+    once and shows, per part of the claim, the case closest to failing.  A reported comparison that
+    fails shows the claim as holding *partly*.  Fallback: the report lists ``check``'s problems
+    and says the module declares no deciding numbers.
+``PAPERS``
+    ``(("short name", "arXiv id"), ...)``, linked from the report.  Fallback: none.
+``NOTEBOOK``, ``PROOFS``
+    Repository paths (``"notebooks/02_loca_regimes.py"``, ``("proofs/08-....md",)``), linked.
+    Fallback: none.
+``BACKENDS`` / ``ENGINE``
+    The ``--backend`` values ``run`` honours, and otherwise what it computes with (text), for the
+    report's provenance.  Fallback: the requested backend, marked "(requested)".
+``settings(scale, device) -> dict``
+    The sizes ``run`` uses (its ``seeds`` offsets included).  Fallback: ``SCALES[scale]``.
 """
 
 from __future__ import annotations

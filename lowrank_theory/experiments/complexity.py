@@ -26,10 +26,11 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 
 import torch
-from matplotlib.ticker import NullFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from ..theory import complexity as cx
-from ._plot import plt, save
+from ._evidence import Evidence, problems
+from ._plot import plt, save, styles
 
 NAME = "complexity"
 TITLE = "Complexity: modelled FLOPs/bytes/launches vs measured time, every adapter"
@@ -50,6 +51,11 @@ GROWTH_FACTOR = 2.5
 #: as the layers (minimum over rounds), so load depresses them as it slows the layers; the slack
 #: covers what is left (a probe hit in every round, the copy probe's 64 MiB vs a layer's cached data).
 FLOOR_SLACK = 0.5
+
+PAPERS = (("LoRA", "2106.09685"),)
+NOTEBOOK = "notebooks/09_complexity.py"
+PROOFS = ()
+ENGINE = "torch (float32 on the CPU, one thread; bfloat16 on CUDA); ignores --backend"
 
 _EXTRA = [("lora", "dense", False), ("fourierft", "dense", False), ("loca", "dense", False),
           ("hut", "dense", False), ("vera", "dense", False), ("lora", "structured", True),
@@ -150,6 +156,11 @@ def _row(method, d, T, pass_, path, merged, tm, peak, eb, n_threads) -> dict:
                 threads=n_threads, _cost=c)
 
 
+def settings(scale: str, device: str = "cpu") -> dict:
+    """The sizes ``run`` uses at ``scale`` on ``device`` (CUDA has its own, :data:`SCALES_CUDA`)."""
+    return dict((SCALES_CUDA if torch.device(device).type == "cuda" else SCALES)[scale])
+
+
 def run(scale: str = "quick", *, backend: str = "numpy", device: str = "cpu", seed: int = 0) -> list[dict]:
     """Measure every registered adapter (and the base layer) at the scale's sizes; see :func:`measure_table`.
 
@@ -157,7 +168,7 @@ def run(scale: str = "quick", *, backend: str = "numpy", device: str = "cpu", se
     """
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {sorted(SCALES)}, got {scale!r}")
-    cfg = dict((SCALES_CUDA if torch.device(device).type == "cuda" else SCALES)[scale])
+    cfg = settings(scale, device)
     return measure_table([None, *cx.method_names()], cfg.pop("sizes"), cfg.pop("tokens"), device=device, seed=seed,
                          **cfg)
 
@@ -166,18 +177,22 @@ def _factor(a: float, b: float) -> float:
     return max(a / b, b / a)
 
 
-def check(rows: list[dict]) -> list[str]:
-    """The claim on the numbers: fit within FIT_FACTOR, growth within GROWTH_FACTOR, nothing under the floor."""
-    problems = []
+def evidence(rows: list[dict]) -> list[Evidence]:
+    """The comparisons the claim is checked on (see :mod:`._evidence`); :func:`check` is their failures."""
+    out = []
     for r in rows:
         f = _factor(r["predicted_s"], r["measured_s"])
         tag = f"{r['method']} d={r['size']} T={r['tokens']} {r['pass_']} {r['path']}{' merged' if r['merged'] else ''}"
-        if not f <= FIT_FACTOR:
-            problems.append(f"{tag}: predicted {r['predicted_s']:.3g} s vs measured {r['measured_s']:.3g} s "
-                            f"(factor {f:.2f} > {FIT_FACTOR})")
-        if r["measured_s"] < FLOOR_SLACK * r["floor_s"]:
-            problems.append(f"{tag}: measured {r['measured_s']:.3g} s below {FLOOR_SLACK} x roofline floor "
-                            f"{r['floor_s']:.3g} s")
+        out.append(Evidence(f"the fitted model predicts every layer's time within {FIT_FACTOR:g}x", tag, f, "<=",
+                            FIT_FACTOR, quantity="max(pred/meas, meas/pred)", against="allowed factor",
+                            tol_text="a loaded core doubles a minimum of repeats (see FIT_FACTOR)",
+                            message=f"{tag}: predicted {r['predicted_s']:.3g} s vs measured {r['measured_s']:.3g} s "
+                                    f"(factor {f:.2f} > {FIT_FACTOR})"))
+        out.append(Evidence(f"no layer runs faster than {FLOOR_SLACK:g} x its roofline floor", tag,
+                            r["measured_s"], ">=", FLOOR_SLACK * r["floor_s"], quantity="measured s",
+                            against=f"{FLOOR_SLACK:g} x floor s",
+                            message=f"{tag}: measured {r['measured_s']:.3g} s below {FLOOR_SLACK} x roofline floor "
+                                    f"{r['floor_s']:.3g} s"))
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["method"], r["tokens"], r["pass_"], r["path"], r["merged"]), []).append(r)
@@ -186,24 +201,33 @@ def check(rows: list[dict]) -> list[str]:
             continue
         lo, hi = min(rs, key=lambda r: r["size"]), max(rs, key=lambda r: r["size"])
         meas, pred = hi["measured_s"] / lo["measured_s"], hi["predicted_s"] / lo["predicted_s"]
-        if not _factor(meas, pred) <= GROWTH_FACTOR:
-            problems.append(f"{key[0]} {key[2]} {key[3]}: time grows x{meas:.2f} from d={lo['size']} to "
-                            f"d={hi['size']}, model x{pred:.2f} (factor > {GROWTH_FACTOR})")
-    return problems
+        out.append(Evidence(f"the model's growth with d is within {GROWTH_FACTOR:g}x of the measured one",
+                            f"{key[0]} {key[2]} {key[3]}{' merged' if key[4] else ''}, d={lo['size']}→{hi['size']}",
+                            _factor(meas, pred), "<=", GROWTH_FACTOR, quantity="growth factor mismatch",
+                            against="allowed factor",
+                            message=f"{key[0]} {key[2]} {key[3]}: time grows x{meas:.2f} from d={lo['size']} to "
+                                    f"d={hi['size']}, model x{pred:.2f} (factor > {GROWTH_FACTOR})"))
+    return out
+
+
+def check(rows: list[dict]) -> list[str]:
+    """The claim on the numbers: fit within FIT_FACTOR, growth within GROWTH_FACTOR, nothing under the floor."""
+    return problems(evidence(rows))
 
 
 def plot(rows: list[dict], path) -> list:
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.4))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.6), layout="constrained")
     sizes = sorted({r["size"] for r in rows})
-    cmap = plt.get_cmap("viridis")
-    for i, d in enumerate(sizes):
+    sty = styles(f"d={d}" for d in sizes)
+    for d in sizes:
         pts = [(r["measured_s"] * 1e3, r["predicted_s"] * 1e3) for r in rows if r["size"] == d]
-        ax1.scatter(*zip(*pts), s=12, color=cmap(i / max(1, len(sizes) - 1)), label=f"d={d}")
+        st = sty[f"d={d}"]
+        ax1.scatter(*zip(*pts), s=14, color=st["color"], marker=st["marker"], label=f"d={d}", alpha=0.8)
     lo = min(min(r["measured_s"], r["predicted_s"]) for r in rows) * 1e3 / 1.5
     hi = max(max(r["measured_s"], r["predicted_s"]) for r in rows) * 1e3 * 1.5
     ax1.plot([lo, hi], [lo, hi], "k-", lw=0.8)
     for f in (FIT_FACTOR, 1 / FIT_FACTOR):
-        ax1.plot([lo, hi], [lo * f, hi * f], "k:", lw=0.6)
+        ax1.plot([lo, hi], [lo * f, hi * f], "k:", lw=0.6, label=f"±{FIT_FACTOR:g}x (checked)" if f > 1 else None)
     ax1.set(xscale="log", yscale="log", xlabel="measured time (ms, min over rounds)", ylabel="fitted model (ms)")
     r0 = rows[0]
     ax1.set_title(f"{len(rows)} layers on {r0['device']} ({r0['dtype']}); worst factor "
@@ -219,6 +243,8 @@ def plot(rows: list[dict], path) -> list:
     ax2.plot([r["predicted_s"] * 1e3 for r in sel], list(y), "k|", ms=8, label="fitted model")
     ax2.set_yticks(list(y), [r["method"] for r in sel], fontsize=6)
     ax2.set_xscale("log")
+    ax2.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax2.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax2.xaxis.set_minor_formatter(NullFormatter())
     ax2.set_xlabel(f"time (ms), d={big}, {rows[0]['tokens']} tokens, {rows[0]['pass_']}")
     ax2.legend(fontsize=7)

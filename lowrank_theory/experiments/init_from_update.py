@@ -62,8 +62,9 @@ import torch
 from torch import nn
 
 from ..adapters.svd_based import LoRASB
+from ._evidence import Evidence, problems
 from ._minilm import minilm
-from ._plot import plt, save
+from ._plot import figure_legend, plt, save
 from ._regression import intra_op_threads
 
 NAME = "init_from_update"
@@ -71,6 +72,11 @@ TITLE = "LoRA-SB: initialization from the first full-fine-tuning update vs rando
 CLAIM = ("Initializing the LoRA-XS architecture from the truncated SVD of the first full-fine-tuning update "
          "(LoRA-SB) gives a lower teacher–student test loss early in training than LoRA-XS's and random "
          "orthonormal frames at equal gradient evaluations; the init is the Eckart–Young truncation of that update.")
+
+PAPERS = (("LoRA-SB", "2411.19557"), ("LoRA-XS", "2405.17604"))
+NOTEBOOK = "notebooks/04_lorasb_init.py"
+PROOFS = ("proofs/04-lorasb-subspace.md", "proofs/01-eckart-young-mirsky.md")
+ENGINE = "torch float32 on --device, real MiniLM (ignores --backend)"
 
 #: swept over the learning-rate grid
 VARIANTS = ("lora_sb", "lora_xs", "random", "lora")
@@ -310,37 +316,69 @@ def shifts(rows: list[dict]) -> dict[str, int]:
     return {r["variant"]: r["cost"] - r["step"] for r in rows if r["kind"] == "curve"}
 
 
-def check(rows: list[dict]) -> list[str]:
-    problems = []
+PAPER_INIT = "LoRA-SB: the init is the optimal low-rank approximation of the first update (theorem)"
+PAPER_EARLY = "LoRA-SB: comprehensively outperforms LoRA-XS (LLM benchmarks, abstract)"
+
+
+def evidence(rows: list[dict]) -> list[Evidence]:
+    """The comparisons the claim is checked on (see :mod:`._evidence`); :func:`check` is their failures."""
+    out = []
     for r in rows:
-        if r["kind"] == "init" and abs(r["init_error"] - r["ey_tail"]) > INIT_RTOL * r["update_norm"]:
-            problems.append(f"seed {r['seed']} {r['variant']} {r['layer']}: ‖BR0A − Δ1‖ = {r['init_error']:.6g} "
-                            f"!= Eckart–Young tail {r['ey_tail']:.6g}")
+        if r["kind"] == "init":
+            out.append(Evidence("the init is the Eckart–Young truncation of the first update",
+                                f"seed {r['seed']}, {r['variant']}, {r['layer']}", r["init_error"], "==", r["ey_tail"],
+                                INIT_RTOL * r["update_norm"], quantity="‖BR0A − Δ1‖_F", against="(Σ_{i>r} σ_i²)^½",
+                                tol_text=f"{INIT_RTOL:g} · ‖Δ1‖_F (float32 SVD)", paper=PAPER_INIT,
+                                message=f"seed {r['seed']} {r['variant']} {r['layer']}: ‖BR0A − Δ1‖ = "
+                                        f"{r['init_error']:.6g} != Eckart–Young tail {r['ey_tail']:.6g}"))
     cur = [r for r in rows if r["kind"] == "curve"]
     for s in sorted({r["seed"] for r in cur}):
         start = [r for r in cur if r["seed"] == s and r["step"] == 0 and r["variant"] not in ("lora_sb", "sb_train_lr")]
         if start:
             ref = start[0]["test_loss"]
-            bad = [r for r in start if abs(r["test_loss"] - ref) > START_RTOL * abs(ref)]
-            if bad:
-                problems.append(f"seed {s}: zero-init variants start at different losses "
-                                f"{sorted({(r['variant'], round(r['test_loss'], 8)) for r in start})}")
+            worst = max(start, key=lambda r: abs(r["test_loss"] - ref))
+            out.append(Evidence("variants without an update init start at the unadapted loss", f"seed {s}",
+                                worst["test_loss"], "==", ref, START_RTOL * abs(ref),
+                                quantity=f"start loss of {worst['variant']}", against=f"of {start[0]['variant']}",
+                                tol_text=f"{START_RTOL:g} relative",
+                                message=f"seed {s}: zero-init variants start at different losses "
+                                        f"{sorted({(r['variant'], round(r['test_loss'], 8)) for r in start})}"))
     c, sh = curves(rows), shifts(rows)
     if "lora_sb" not in c:
-        return [*problems, "no lora_sb rows"]
+        out.append(Evidence("LoRA-SB is below LoRA-XS's and random frames early on", "rows", 0, ">", 0,
+                            message="no lora_sb rows"))
+        return out
     early = sorted(t for t in c["lora_sb"] if 1 <= t <= _early_steps(rows))
     for b in BASELINES:
+        part = f"LoRA-SB's test loss is below {b}'s early on (equal gradient evaluations)"
         if b not in c:
-            problems.append(f"no {b} rows")
+            out.append(Evidence(part, "rows", 0, ">", 0, message=f"no {b} rows"))
             continue
         for t in early:
             tb = t + sh["lora_sb"] - sh.get(b, 0)
             if tb not in c[b]:
-                problems.append(f"{b} has no evaluation at step {tb} (equal cost to lora_sb step {t})")
-            elif not c["lora_sb"][t] < c[b][tb]:
-                problems.append(f"step {t}: lora_sb test loss {c['lora_sb'][t]:.4g} not below {b} "
-                                f"{c[b][tb]:.4g} at step {tb} (equal gradient evaluations)")
-    return problems
+                out.append(Evidence(part, f"step {t}", math.nan, "<", math.nan,
+                                    message=f"{b} has no evaluation at step {tb} (equal cost to lora_sb step {t})"))
+            else:
+                out.append(Evidence(part, f"lora_sb step {t} vs {b} step {tb}", c["lora_sb"][t], "<", c[b][tb],
+                                    quantity="LoRA-SB test loss", against=f"{b} test loss",
+                                    paper=PAPER_EARLY if b == "lora_xs" else "",
+                                    message=f"step {t}: lora_sb test loss {c['lora_sb'][t]:.4g} not below {b} "
+                                            f"{c[b][tb]:.4g} at step {tb} (equal gradient evaluations)"))
+    if "lora" in c:
+        pts = compare(rows, "lora_sb", "lora")
+        if pts:
+            t, la, lb = pts[-1]
+            out.append(Evidence("LoRA-SB ends at or below standard LoRA (same parameters)", f"lora_sb step {t}", la,
+                                "<=", lb, quantity="LoRA-SB final test loss", against="LoRA test loss",
+                                paper="LoRA-SB: exceeds standard LoRA with 27–90x fewer parameters (abstract)",
+                                asserted=False))
+    return out
+
+
+def check(rows: list[dict]) -> list[str]:
+    """The claim's problems on ``rows`` (empty: it holds): the failing asserted :func:`evidence`."""
+    return problems(evidence(rows))
 
 
 def _early_steps(rows: list[dict]) -> int:
@@ -386,8 +424,9 @@ def summary(rows: list[dict]) -> list[dict]:
     return out
 
 
-STYLE = {"lora_sb": ("tab:red", "-"), "sb_frames": ("tab:orange", ":"), "sb_train_lr": ("tab:pink", "-."),
-         "lora_xs": ("tab:blue", "-"), "random": ("tab:gray", "-"), "lora": ("k", "--")}
+STYLE = {"lora_sb": ("tab:red", "-", "o"), "sb_frames": ("tab:orange", ":", "v"),
+         "sb_train_lr": ("tab:pink", "-.", "x"),
+         "lora_xs": ("tab:blue", "-", "s"), "random": ("tab:gray", "--", "^"), "lora": ("k", "--", "D")}
 
 
 def plot(rows: list[dict], path) -> list:
@@ -397,23 +436,24 @@ def plot(rows: list[dict], path) -> list:
     (which starts far above) is clipped, with its first and last losses in the legend.
     """
     sh = shifts(rows)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.3), sharey=True, layout="constrained")
     top = 1.0
     for ax, selected, title in ((axes[0], True, "selected learning rate"),
                                 (axes[1], False, "best rate per step (envelope)")):
         for v, pts in curves(rows, selected=selected).items():
-            c, ls = STYLE.get(v, ("tab:green", "-"))
+            c, ls, mk = STYLE.get(v, ("tab:green", "-", "P"))
             ys = list(pts.values())
             label = v
             if v == "sb_train_lr":
                 label = f"{v} ({ys[0]:.3g} → {ys[-1]:.3g}, clipped)"
             else:
                 top = max(top, max(ys))
-            ax.plot([t + sh.get(v, 0) for t in pts], ys, color=c, ls=ls, marker=".", ms=3, label=label)
+            ax.plot([t + sh.get(v, 0) for t in pts], ys, color=c, ls=ls, marker=mk, ms=3.5, lw=1.2, label=label,
+                    mfc="none" if v in ("random", "sb_frames") else c)
         ax.set_xlabel("gradient evaluations (steps + init passes)")
         ax.set_title(title, fontsize=9)
     axes[0].set_ylim(0.0, 1.05 * top)
     axes[0].set_ylabel("test loss (1 = unadapted)")
-    axes[0].legend(fontsize=7)
+    figure_legend(fig, axes)
     fig.suptitle(TITLE, fontsize=10)
     return save(fig, path)

@@ -46,10 +46,12 @@ import copy
 import math
 
 import numpy as np
+from matplotlib.ticker import FuncFormatter, NullFormatter
 from torch import nn
 
+from ._evidence import Evidence, problems
 from ._minilm import docstring_tasks
-from ._plot import plt, save
+from ._plot import figure_legend, note_ties, plt, save, styles
 from ._probe import linear_probe, pooled_features  # noqa: F401  (re-exported for the notebook and tests)
 from ._regression import intra_op_threads
 
@@ -58,6 +60,12 @@ TITLE = "Learning-rate sensitivity of LoRA variants (docstring classification, M
 CLAIM = ("Once each LoRA variant gets its own tuned learning rate, their best test accuracies are close "
          "(within 5 points), the rate moves each variant's accuracy at least twice as much as the choice of "
          "variant does, and the best rate differs between variants.")
+
+PAPERS = (("A Unified Study of LoRA Variants", "2601.22708"), ("Learning Rate Matters", "2602.04998"),
+          ("rsLoRA", "2312.03732"), ("DoRA", "2402.09353"), ("PiSSA", "2404.02948"), ("LoRA+", "2402.12354"))
+NOTEBOOK = "notebooks/08_lr_sensitivity.py"
+PROOFS = ()
+ENGINE = "torch float32 on --device, real MiniLM (ignores --backend)"
 
 VARIANTS = ("lora", "rslora", "dora", "pissa", "lora_plus")
 
@@ -167,26 +175,51 @@ def spread(rows: list[dict]) -> float:
     return max(b) - min(b) if b else math.nan
 
 
-def check(rows: list[dict]) -> list[str]:
-    problems = []
+PAPER_CLOSE = "2602.04998: tuned variants within 1–2 % of each other (LLM benchmarks)"
+PAPER_LORA = "2601.22708: tuned, LoRA matches or surpasses most of its variants"
+
+
+def evidence(rows: list[dict]) -> list[Evidence]:
+    """The comparisons the claim is checked on (see :mod:`._evidence`); :func:`check` is their failures."""
     acc = grid(rows)
     missing = [v for v in VARIANTS if v not in acc]
     if missing:
-        return [f"no rows for {missing}"]
+        return [Evidence("every variant was run", ", ".join(missing), len(VARIANTS) - len(missing), "==", len(VARIANTS),
+                         quantity="variants with rows", against="variants", message=f"no rows for {missing}")]
+    out = []
     lrs = {tuple(d) for d in acc.values()}
-    if len(lrs) != 1 or len(next(iter(lrs))) < 2:
-        problems.append(f"every variant needs the same grid of >= 2 rates, got {sorted(lrs)}")
+    out.append(Evidence("every variant runs the same grid of at least 2 rates", "grid",
+                        len(next(iter(lrs))) if len(lrs) == 1 else 0, ">=", 2, quantity="rates in the common grid",
+                        against="2", message=f"every variant needs the same grid of >= 2 rates, got {sorted(lrs)}"))
     b, sp = best(rows), spread(rows)
-    if not sp <= CLOSE_ATOL:
-        problems.append(f"tuned variants are not close: best accuracies "
-                        f"{ {v: round(a, 4) for v, (_, a, _) in b.items()} } spread {sp:.4f} > {CLOSE_ATOL}")
+    out.append(Evidence("tuned variants are close", "best accuracy per variant", sp, "<=", CLOSE_ATOL,
+                        quantity="spread of best accuracies", against="allowed spread", paper=PAPER_CLOSE,
+                        tol_text="5 points (one test example is 0.55)",
+                        message=f"tuned variants are not close: best accuracies "
+                                f"{ {v: round(a, 4) for v, (_, a, _) in b.items()} } spread {sp:.4f} > {CLOSE_ATOL}"))
     for v, d in acc.items():
         rng = max(d.values()) - min(d.values())
-        if not (rng >= SENS_FACTOR * sp and rng > 0):
-            problems.append(f"{v}: accuracy range over the rates {rng:.4f} < {SENS_FACTOR} x variant spread {sp:.4f}")
-    if len({lr for lr, _, _ in b.values()}) < 2:
-        problems.append(f"every variant has the same best rate {next(iter(b.values()))[0]:g}")
-    return problems
+        out.append(Evidence(f"the rate moves each variant's accuracy at least {SENS_FACTOR:g}x the variant spread", v,
+                            rng, ">=" if sp > 0 else ">", SENS_FACTOR * sp, quantity="accuracy range over the rates",
+                            against=f"{SENS_FACTOR:g} x spread",
+                            message=f"{v}: accuracy range over the rates {rng:.4f} < {SENS_FACTOR} x variant spread "
+                                    f"{sp:.4f}"))
+    n_best = len({lr for lr, _, _ in b.values()})
+    out.append(Evidence("the best rate differs between variants", "best rate per variant", n_best, ">=", 2,
+                        quantity="distinct best rates", against="2",
+                        paper="2602.04998: each variant needs its own rate",
+                        message=f"every variant has the same best rate {next(iter(b.values()))[0]:g}"))
+    others = sorted(a for v, (_, a, _) in b.items() if v != "lora")
+    if "lora" in b and others:
+        out.append(Evidence("tuned LoRA matches or beats most variants", "best accuracy", b["lora"][1], ">=",
+                            float(np.median(others)), quantity="LoRA best accuracy",
+                            against="median of the others' best", paper=PAPER_LORA, asserted=False))
+    return out
+
+
+def check(rows: list[dict]) -> list[str]:
+    """The claim's problems on ``rows`` (empty: it holds): the failing asserted :func:`evidence`."""
+    return problems(evidence(rows))
 
 
 def summary(rows: list[dict]) -> list[dict]:
@@ -210,26 +243,37 @@ def summary(rows: list[dict]) -> list[dict]:
 
 
 def plot(rows: list[dict], path) -> list:
-    """Test accuracy and test loss against the learning rate, one line per variant; the probe dashed."""
+    """Test accuracy and test loss against the learning rate, one line (colour, marker, style) per
+    variant, ★ at each variant's best rate; the probe dashed, the majority class dotted."""
     acc, loss, b = grid(rows), grid(rows, "test_loss"), best(rows)
     probe = [r for r in rows if r["variant"] == "probe"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    sty = styles(acc)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.3), layout="constrained")
     for v, d in acc.items():
         lrs = list(d)
-        (line,) = axes[0].plot(lrs, list(d.values()), marker="o", ms=4, label=v)
-        axes[0].plot([b[v][0]], [b[v][1]], marker="*", ms=12, color=line.get_color())
+        axes[0].plot(lrs, list(d.values()), ms=4, lw=1.2, label=v, **sty[v])
+        axes[0].plot([b[v][0]], [b[v][1]], marker="*", ms=13, color=sty[v]["color"], mec="k", mew=0.5, ls="none")
         ys = [loss[v][lr] for lr in lrs]
-        axes[1].plot(lrs, [y if math.isfinite(y) else np.nan for y in ys], marker="o", ms=4, color=line.get_color())
+        axes[1].plot(lrs, [y if math.isfinite(y) else np.nan for y in ys], ms=4, lw=1.2, **sty[v])
     if probe:
         for ax, key in ((axes[0], "test_accuracy"), (axes[1], "test_loss")):
-            ax.axhline(float(np.mean([r[key] for r in probe])), color="0.5", ls="--", lw=1, label="linear probe")
+            ax.axhline(float(np.mean([r[key] for r in probe])), color="0.5", ls="--", lw=1,
+                       label="linear probe" if ax is axes[0] else None)
         axes[0].axhline(probe[0]["majority_baseline"], color="0.7", ls=":", lw=1, label="majority class")
+    rates = sorted({lr for d in acc.values() for lr in d})
     for ax in axes:
         ax.set_xscale("log")
+        ax.set_xticks(rates, [f"{lr:g}" for lr in rates])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("learning rate (LoRA+: rate of A)")
     axes[1].set_yscale("log")
+    axes[1].yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axes[1].yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    # stars of variants with the same best (rate, accuracy) overlap: the table says which is where
+    note_ties(axes[0], [], loc="lower left", extra=["best rate, accuracy:"] + [
+        f"{v}: {lr:g}, {a:.3f}" for v, (lr, a, _) in sorted(b.items(), key=lambda kv: -kv[1][1])])
     axes[0].set_ylabel("test accuracy (★ = best rate)")
     axes[1].set_ylabel("test loss")
-    axes[0].legend(fontsize=7)
+    figure_legend(fig, axes, ncol=len(acc) + 2)
     fig.suptitle(TITLE, fontsize=10)
     return save(fig, path)

@@ -54,6 +54,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._evidence import Evidence, problems
 from ._minilm import KINDS, docstring_tasks, module_kind
 from ._plot import plt, save
 from ._probe import linear_probe
@@ -65,6 +66,10 @@ CLAIM = ("After a short run on a real task, AdaLoRA and IncreLoRA end exactly at
          "or below its initial rank; all three allocate non-uniformly across MiniLM's blocks and modules.")
 
 METHODS = ("adalora", "sora", "increlora")
+PAPERS = (("AdaLoRA", "2303.10512"), ("SoRA", "2311.11696"), ("IncreLoRA", "2308.12043"))
+NOTEBOOK = "notebooks/10_rank_allocation.py"
+PROOFS = ("proofs/15-sora-proximal-step.md",)
+ENGINE = "torch float32 on --device, real MiniLM (ignores --backend)"
 
 SCALES = {
     "quick": dict(n_layers=2, r0=4, steps=60, batch_size=16, max_length=16, lrs=dict(adalora=1e-1, sora=1e-2,
@@ -179,23 +184,50 @@ def totals(rows: list[dict]) -> dict[tuple[int, str], dict[str, float]]:
     return out
 
 
-def check(rows: list[dict]) -> list[str]:
-    problems = []
+PAPER_ADALORA = "AdaLoRA: more rank to the feed-forward matrices and to the top layers (DeBERTaV3)"
+
+
+def evidence(rows: list[dict]) -> list[Evidence]:
+    """The comparisons the claim is checked on (see :mod:`._evidence`); :func:`check` is their failures."""
+    out = []
     tot = totals(rows)
     for m in METHODS:
         if not any(k[1] == m for k in tot):
-            problems.append(f"no rows for {m}")
+            out.append(Evidence("every method was run", m, 0, ">", 0, quantity="rows", against="0",
+                                message=f"no rows for {m}"))
     for (s, m), t in tot.items():
-        if m in ("adalora", "increlora") and t["total"] != t["budget"]:
-            problems.append(f"seed {s} {m}: total rank {t['total']} != budget {t['budget']}")
-        if m == "sora" and t["total"] > t["initial"]:
-            problems.append(f"seed {s} sora: total rank {t['total']} above its initial {t['initial']}")
-        if t["min"] == t["max"]:
-            problems.append(f"seed {s} {m}: uniform allocation (every module at rank {t['min']})")
-        if not t["test_loss"] < t["probe_test_loss"]:
-            problems.append(f"seed {s} {m}: test loss {t['test_loss']:.4g} not below the probe's "
-                            f"{t['probe_test_loss']:.4g}")
-    return problems
+        case = f"seed {s}, {m}"
+        if m in ("adalora", "increlora"):
+            out.append(Evidence("AdaLoRA and IncreLoRA end exactly at their rank budget", case, t["total"], "==",
+                                t["budget"], quantity="total rank", against="budget",
+                                message=f"seed {s} {m}: total rank {t['total']} != budget {t['budget']}"))
+        if m == "sora":
+            out.append(Evidence("SoRA ends at or below its initial rank", case, t["total"], "<=", t["initial"],
+                                quantity="total rank", against="initial total",
+                                paper="SoRA: 'even with 70% retained parameters' (abstract)",
+                                message=f"seed {s} sora: total rank {t['total']} above its initial {t['initial']}"))
+        out.append(Evidence("every method allocates non-uniformly", case, t["max"] - t["min"], ">", 0,
+                            quantity="max − min module rank", against="0",
+                            message=f"seed {s} {m}: uniform allocation (every module at rank {t['min']})"))
+        out.append(Evidence("each run learned: test loss below the linear probe's", case, t["test_loss"], "<",
+                            t["probe_test_loss"], quantity="test loss", against="probe test loss",
+                            message=f"seed {s} {m}: test loss {t['test_loss']:.4g} not below the probe's "
+                                    f"{t['probe_test_loss']:.4g}"))
+    roles = by_role(rows).get("adalora")
+    if roles:
+        out.append(Evidence("AdaLoRA gives more rank to the feed-forward matrices", "mean rank over seeds",
+                            roles["ffn"], ">", roles["attention"], quantity="FFN mean rank",
+                            against="attention mean rank", paper=PAPER_ADALORA, asserted=False))
+        if not math.isnan(roles["top"]):
+            out.append(Evidence("AdaLoRA gives more rank to the top layers", "mean rank over seeds", roles["top"], ">",
+                                roles["bottom"], quantity="top-half mean rank", against="bottom-half mean rank",
+                                paper=PAPER_ADALORA, asserted=False))
+    return out
+
+
+def check(rows: list[dict]) -> list[str]:
+    """The claim's problems on ``rows`` (empty: it holds): the failing asserted :func:`evidence`."""
+    return problems(evidence(rows))
 
 
 def heatmap(rows: list[dict], method: str) -> np.ndarray:
@@ -252,15 +284,17 @@ def sora_init_agreement(rows: list[dict]) -> float:
 
 
 def plot(rows: list[dict], path) -> list:
-    """One heatmap per method: blocks (rows, bottom to top) × module roles (columns), mean final rank."""
+    """One heatmap per method: blocks (rows, block 0 at the top, as in the model) × module roles
+    (columns), mean final rank written in each cell."""
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
     maps = [heatmap(rows, m) for m in methods]
     vmax = max(float(h.max()) for h in maps)
     L = maps[0].shape[0]
-    fig, axes = plt.subplots(1, len(methods), figsize=(3.9 * len(methods), 0.55 * L + 2.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(methods), figsize=(3.9 * len(methods) + 0.8, 0.55 * L + 2.4), squeeze=False,
+                             layout="constrained")
     tot = totals(rows)
     for ax, m, h in zip(axes[0], methods, maps):
-        im = ax.imshow(h, origin="lower", cmap="viridis", vmin=0, vmax=vmax, aspect="auto")
+        im = ax.imshow(h, origin="upper", cmap="viridis", vmin=0, vmax=vmax, aspect="auto")
         for i in range(h.shape[0]):
             for j in range(h.shape[1]):
                 ax.text(j, i, f"{h[i, j]:.1f}", ha="center", va="center", fontsize=7,

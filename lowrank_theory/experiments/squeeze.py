@@ -45,13 +45,19 @@ from ..adapters.lowrank import LoRA
 from ..adapters.squeeze import squeeze_lora, squeeze_schedule
 from ..theory.targets import make_target
 from . import _regression as reg
-from ._plot import plt, save
+from ._evidence import Evidence, problems
+from ._plot import figure_legend, note_ties, plt, save, ties
 
 NAME = "squeeze"
 TITLE = "LoRA-Squeeze: compress a high-rank LoRA vs train at the target rank"
 CLAIM = ("Squeezing a rank-r_src LoRA to r_tgt (post-hoc with a few fine-tuning steps, or annealed in "
          "tuning) reaches a test loss at least as good as direct rank-r_tgt training (5 % + 1e-3 slack); "
          "the post-hoc squeeze error equals the Eckart–Young tail of the trained update.")
+
+PAPERS = (("LoRA-Squeeze", "2602.10993"),)
+NOTEBOOK = "notebooks/06_lora_squeeze.py"
+PROOFS = ("proofs/01-eckart-young-mirsky.md", "proofs/02-randomized-range-finder.md")
+ENGINE = "torch float64 (ignores --backend)"
 
 SCALES = {
     "quick": dict(m=32, n=32, beta=0.3, r_src=8, targets=[1, 2, 4], budgets=[60, 360], ft_frac=1 / 6, events=3,
@@ -164,28 +170,60 @@ def _mean(rows: list[dict], key: str) -> float:
     return float(np.mean([r[key] for r in rows]))
 
 
-def check(rows: list[dict]) -> list[str]:
-    problems = []
+PAPER_POST = "LoRA-Squeeze: post-hoc compression often beats direct training, especially with a few FT steps"
+PAPER_ANNEAL = "LoRA-Squeeze: in-tuning annealing consistently gives the best size-performance trade-off"
+
+
+def evidence(rows: list[dict]) -> list[Evidence]:
+    """The comparisons the claim is checked on (see :mod:`._evidence`); :func:`check` is their failures."""
+    out = []
     for r in rows:
         if r["variant"] == "post":
             gap = abs(r["squeeze_error"] - r["ey_tail"])
-            if gap > EY_RTOL * max(r["source_norm"], 1e-300):
-                problems.append(f"seed {r['seed']} rank {r['rank']}: squeeze error {r['squeeze_error']:.6g} != "
-                                f"Eckart–Young tail {r['ey_tail']:.6g} (gap {gap:.3g})")
-        if r["delta_error"] < r["floor"] - 1e-12:
-            problems.append(f"{r['variant']} rank {r['rank']} below the Eckart–Young floor: "
-                            f"{r['delta_error']:.6g} < {r['floor']:.6g}")
+            out.append(Evidence("post-hoc squeeze error = Eckart–Young tail of the trained update",
+                                f"seed {r['seed']}, budget {r['budget']}, rank {r['rank']}", r["squeeze_error"], "==",
+                                r["ey_tail"], EY_RTOL * max(r["source_norm"], 1e-300), quantity="‖s'B'A' − sBA‖_F",
+                                against="(Σ_{i>r} σ_i²)^½", tol_text=f"{EY_RTOL:g} · ‖sBA‖_F (float64)",
+                                paper="Eckart–Young (proofs/01)",
+                                message=f"seed {r['seed']} rank {r['rank']}: squeeze error {r['squeeze_error']:.6g} != "
+                                        f"Eckart–Young tail {r['ey_tail']:.6g} (gap {gap:.3g})"))
+        out.append(Evidence("no rank-r variant goes below the Eckart–Young floor of ΔW*",
+                            f"{r['variant']}, seed {r['seed']}, budget {r['budget']}, rank {r['rank']}",
+                            r["delta_error"], ">=", r["floor"], 1e-12, quantity="ΔW error", against="floor",
+                            paper="a theorem (proofs/01)",
+                            message=f"{r['variant']} rank {r['rank']} below the Eckart–Young floor: "
+                                    f"{r['delta_error']:.6g} < {r['floor']:.6g}"))
+    tol_text = f"{LOSS_RTOL:g} · direct + {LOSS_ATOL:g} (optimization noise)"
     for b, k in sorted({(r["budget"], r["rank"]) for r in rows if r["variant"] == "direct"}):
         ref = _mean([r for r in rows if r["variant"] == "direct" and r["rank"] == k and r["budget"] == b], "test_loss")
-        for v in CLAIMED:
+        got = {}
+        for v in (*CLAIMED, "post"):
             sel = [r for r in rows if r["variant"] == v and r["rank"] == k and r["budget"] == b]
             if not sel:
-                problems.append(f"no {v} rows at rank {k}, budget {b}")
+                if v in CLAIMED:
+                    out.append(Evidence(f"{v} is at least as good as direct training", f"budget {b}, rank {k}", 0,
+                                        ">", 0, quantity="rows", against="0",
+                                        message=f"no {v} rows at rank {k}, budget {b}"))
                 continue
-            got = _mean(sel, "test_loss")
-            if got > (1 + LOSS_RTOL) * ref + LOSS_ATOL:
-                problems.append(f"budget {b}, rank {k}: {v} test loss {got:.4g} worse than direct {ref:.4g}")
-    return problems
+            got[v] = _mean(sel, "test_loss")
+            out.append(Evidence(f"{v} is at least as good as direct training", f"budget {b}, rank {k}", got[v], "<=",
+                                ref, LOSS_RTOL * ref + LOSS_ATOL, quantity=f"{v} test loss", against="direct test loss",
+                                tol_text=tol_text, paper=PAPER_ANNEAL if v == "anneal" else PAPER_POST,
+                                asserted=v in CLAIMED,
+                                message=f"budget {b}, rank {k}: {v} test loss {got[v]:.4g} worse than direct "
+                                        f"{ref:.4g}"))
+        if "anneal" in got and len(got) > 1:
+            best = min(x for v, x in got.items() if v != "anneal")
+            out.append(Evidence("annealing is the best of the squeeze variants", f"budget {b}, rank {k}", got["anneal"],
+                                "<=", best, LOSS_RTOL * best + LOSS_ATOL, quantity="anneal test loss",
+                                against="best other variant", tol_text=f"{LOSS_RTOL:g} · best + {LOSS_ATOL:g}",
+                                paper=PAPER_ANNEAL, asserted=False))
+    return out
+
+
+def check(rows: list[dict]) -> list[str]:
+    """The claim's problems on ``rows`` (empty: it holds): the failing asserted :func:`evidence`."""
+    return problems(evidence(rows))
 
 
 def summary(rows: list[dict]) -> list[dict]:
@@ -206,22 +244,34 @@ STYLE = {"direct": ("k", "o", "-"), "post": ("tab:orange", "v", ":"), "post_ft":
 
 def plot(rows: list[dict], path) -> list:
     """Top row: relative test loss vs target rank, one panel per budget; bottom: excess ΔW error
-    over the Eckart–Young floor (non-negative by the theorem, so a log scale shows the gaps)."""
+    over the Eckart–Young floor (non-negative by the theorem, so a log scale shows the gaps).
+    Variants whose curves coincide (to 1 %, under a pixel) are drawn concentric and named in the panel."""
     table = summary(rows)
     budgets = sorted({r["budget"] for r in table})
-    fig, axes = plt.subplots(2, len(budgets), figsize=(4.6 * len(budgets), 6.6), squeeze=False, sharey="row")
+    fig, axes = plt.subplots(2, len(budgets), figsize=(4.6 * len(budgets), 7.0), squeeze=False, sharey="row",
+                             layout="constrained")
     for j, b in enumerate(budgets):
         sel = [r for r in table if r["budget"] == b]
         ranks = sorted({r["rank"] for r in sel if r["variant"] == "direct"})
         floor = [next(r["floor"] for r in sel if r["variant"] == "direct" and r["rank"] == k) for k in ranks]
         top, bottom = axes[0, j], axes[1, j]
         top.plot(ranks, [f**2 for f in floor], color="0.6", lw=4, alpha=0.5, label="Eckart–Young floor²")
-        for v, (c, mk, ls) in STYLE.items():
+        curves = {}
+        for v in STYLE:
             pts = sorted((r["rank"], r["test_loss"], r["delta_error"] - r["floor"]) for r in sel if r["variant"] == v)
             if pts:
-                ks, tl, ex = zip(*pts)
-                top.plot(ks, tl, color=c, marker=mk, ls=ls, ms=4, label=v)
-                bottom.plot(ks, [max(e, 1e-12) for e in ex], color=c, marker=mk, ls=ls, ms=4, label=v)
+                curves[v] = pts
+        for ax, col, what in ((top, 1, "test loss"), (bottom, 2, "excess error")):
+            groups = ties({v: [p[col] for p in pts] for v, pts in curves.items()}, rtol=1e-2, atol=1e-12)
+            size = {v: dict(ms=4.0) for v in curves}
+            for g in groups:
+                for k, v in enumerate(g):
+                    size[v] = dict(ms=4.0 + 3.0 * (len(g) - 1 - k), **({"mfc": "none"} if k < len(g) - 1 else {}))
+            for v, pts in curves.items():
+                c, mk, ls = STYLE[v]
+                ax.plot([p[0] for p in pts], [max(p[col], 1e-12) for p in pts], color=c, marker=mk, ls=ls, label=v,
+                        **size[v])
+            note_ties(ax, groups, what=f"{what} equal to 1 %", loc="lower left" if ax is top else "upper right")
         src = [r for r in sel if r["variant"] == "source"]
         if src:
             top.axhline(src[0]["test_loss"], color="0.4", lw=0.8, ls="-.", label=f"source (rank {src[0]['rank']})")
@@ -232,6 +282,6 @@ def plot(rows: list[dict], path) -> list:
         bottom.set_xlabel("target rank")
     axes[0, 0].set_ylabel("relative test loss")
     axes[1, 0].set_ylabel("ΔW error − Eckart–Young floor")
-    axes[0, 0].legend(fontsize=7)
+    figure_legend(fig, axes.ravel())
     fig.suptitle(TITLE, fontsize=10)
     return save(fig, path)

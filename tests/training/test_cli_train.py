@@ -58,7 +58,7 @@ def test_compare_writes_table_json_and_figure(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [(["--method", "nope"], "unknown adapter"), (["--method", "lora", "--cfg", "bogus=1"], "takes no argument"),
+    [(["--method", "nope"], "unknown method"), (["--method", "lora", "--cfg", "bogus=1"], "takes no argument"),
      (["--method", "lora", "--cfg", "noequals"], "key=value"), (["--task", "nope"], "task must be one of")],
 )
 def test_bad_arguments_exit_with_a_message(tmp_path, capsys, args, message):

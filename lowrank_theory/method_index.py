@@ -1,0 +1,411 @@
+r"""The per-method index: each method's paper, math, code, parameter count, tests, proofs, notebooks,
+PEFT counterpart and export support, in one place.
+
+Three kinds of name are indexed, together every name ``lowrank-theory train --method`` and
+``--rule`` accept:
+
+* ``adapter`` -- a registered :class:`~lowrank_theory.adapters.Adapter` class (``adapters.names()``);
+* ``method`` -- an adapter driven by a rank schedule (``increlora``, ``squeeze``; see
+  :data:`~lowrank_theory.training.cli_train.METHOD_DEFAULTS`);
+* ``rule`` -- a training rule of :func:`~lowrank_theory.training.optim.make_optimizer`.
+
+What is *declared* here (:data:`INDEX`): the paper, the parameter-count formula (a Python expression
+in the arguments of the class's ``param_count``, checked against it by the tests), the tests, proofs and
+notebooks, and the PEFT counterpart.  What is *read from the code* when asked (:func:`describe`): the
+class, its file, its formula (the first line of its docstring) and the export formats.  ``docs/methods.md``
+is :func:`methods_markdown` of this data; ``python -m lowrank_theory.method_index docs/methods.md``
+rewrites it, and a test fails when the checked-in file is stale.
+
+(The declarations live in this one module until the adapter classes carry them themselves.)
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["INDEX", "MethodEntry", "Paper", "describe", "entry", "format_entry", "methods_markdown", "names",
+           "param_count_from_formula"]
+
+
+@dataclass(frozen=True)
+class Paper:
+    """A method's paper: title and arXiv id (``None`` when it has none)."""
+
+    title: str
+    arxiv: str | None = None
+
+    def cite(self) -> str:
+        return f"{self.title}" + (f", arXiv:{self.arxiv}" if self.arxiv else "")
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """The declared part of a method's index entry (see the module docstring)."""
+
+    name: str
+    kind: str
+    paper: Paper
+    params: str = ""
+    where: tuple[tuple[str, str], ...] = ()
+    tests: tuple[str, ...] = ()
+    proofs: tuple[str, ...] = ()
+    notebooks: tuple[str, ...] = ()
+    peft: str = ""
+    peft_test: str = ""
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+NB_COMPLEXITY = "notebooks/09_complexity.py"  # measures every registered adapter
+
+
+def _a(name: str, paper: Paper, params: str, tests: tuple[str, ...], *, notebooks: tuple[str, ...] = (),
+       **kw: Any) -> MethodEntry:
+    return MethodEntry(name, "adapter", paper, params, tests=tests, notebooks=(*notebooks, NB_COMPLEXITY), **kw)
+
+
+_T = "tests/adapters/"
+_P = "proofs/"
+_N = "notebooks/"
+_EY, _RSVD = _P + "01-eckart-young-mirsky.md", _P + "02-randomized-range-finder.md"
+_CTERM, _DCT = _P + "06-best-c-term.md", _P + "17-dct-orthonormal.md"
+
+#: name -> declared entry, adapters in registry order, then schedule-driven methods, then rules
+INDEX: dict[str, MethodEntry] = {e.name: e for e in (
+    _a("adalora", Paper("AdaLoRA: Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning", "2303.10512"),
+       "rank * (d_out + d_in + 1)", (_T + "test_adaptive_rank.py", "tests/training/test_schedules.py"),
+       notebooks=(_N + "10_rank_allocation.py",), peft="peft.AdaLoraConfig",
+       peft_test=_T + "test_adaptive_rank.py", note="trained with its AdaLoRASchedule by default"),
+    _a("block_lora", Paper("One Head Eight Arms: Block Matrix based Low Rank Adaptation for CLIP-based Few-Shot "
+                           "Learning", "2501.16720"),
+       "rank * d_out + (rank // num_blocks) * d_in", (_T + "test_lowrank_family.py",),
+       proofs=(_P + "05-block-lora-rank.md",)),
+    _a("comp_lora", Paper("Complementary Subspace Low-Rank Adaptation of Vision-Language Models for Few-Shot "
+                          "Classification"), "rank * (d_out + d_in)", (_T + "test_lowrank_family.py",)),
+    _a("dora", Paper("DoRA: Weight-Decomposed Low-Rank Adaptation", "2402.09353"), "rank * (d_out + d_in) + d_out",
+       (_T + "test_multiplicative.py", _T + "test_peft_dora.py", _T + "test_fused.py"),
+       proofs=(_P + "14-dora-row-norm.md",), notebooks=(_N + "08_lr_sensitivity.py",),
+       peft="peft.LoraConfig(use_dora=True)", peft_test=_T + "test_peft_dora.py"),
+    _a("flora", Paper("FLoRA: Low-Rank Core Space for N-dimension", "2405.14739"), "r1 * r2 + d_out * r1 + d_in * r2",
+       (_T + "test_tensor.py",), where=(("r1", "min(ranks, d_out)"), ("r2", "min(ranks, d_in)")),
+       proofs=(_P + "11-hosvd-quasi-optimality.md",), notebooks=(_N + "01_expressivity.py",)),
+    _a("flora_conv2d", Paper("FLoRA: Low-Rank Core Space for N-dimension", "2405.14739"),
+       "ro * ri * rh * rw + d_out * ro + d_in * ri + kernel_size * (rh + rw)", (_T + "test_tensor.py",),
+       where=(("ro", "min(ranks, d_out)"), ("ri", "min(ranks, d_in)"), ("rh", "min(ranks, kernel_size)"),
+              ("rw", "min(ranks, kernel_size)")),
+       proofs=(_P + "11-hosvd-quasi-optimality.md",), note="for nn.Conv2d; kernel_size is one int here"),
+    _a("fourierft", Paper("Parameter-Efficient Fine-Tuning with Discrete Fourier Transform", "2405.03003"),
+       "n_frequency", (_T + "test_frequency.py", _T + "test_peft_fourierft.py", _T + "test_spectral_dense.py"),
+       proofs=(_P + "07-loca-idct-vs-idft.md", _P + "18-spectral-coefficient-gradient.md"),
+       notebooks=(_N + "01_expressivity.py",), peft="peft.FourierFTConfig", peft_test=_T + "test_peft_fourierft.py"),
+    _a("hut", Paper("HUT: A More Computation Efficient Fine-Tuning Method With Hadamard Updated Transformation",
+                    "2409.13501"), "rank * (d_out + d_in)", (_T + "test_multiplicative.py",)),
+    _a("loca", Paper("LoCA: Location-Aware Cosine Adaptation for Parameter-Efficient Fine-Tuning", "2502.06820"),
+       "n_frequency", (_T + "test_loca_locations.py", _T + "test_frequency.py", _T + "test_spectral_dense.py"),
+       proofs=(_P + "07-loca-idct-vs-idft.md", _P + "08-frequency-vs-lowrank-regimes.md", _CTERM, _DCT,
+               _P + "18-spectral-coefficient-gradient.md"),
+       notebooks=(_N + "01_expressivity.py", _N + "02_loca_regimes.py"),
+       peft="none (its PEFT peer in benchmarks and tests is peft.FourierFTConfig at the same budget)"),
+    _a("loldu", Paper("LoLDU: Low-Rank Adaptation via Lower-Diag-Upper Decomposition for Parameter-Efficient "
+                      "Fine-Tuning", "2410.13618"), "rank + 1", (_T + "test_ldu_adapter.py",),
+       proofs=(_P + "12-ldu-leading-minors.md",), notebooks=(_N + "01_expressivity.py",)),
+    _a("lora", Paper("LoRA: Low-Rank Adaptation of Large Language Models", "2106.09685"), "rank * (d_out + d_in)",
+       (_T + "test_lora.py", _T + "test_fused.py", "tests/training/test_peft_format.py"), proofs=(_EY,),
+       notebooks=(_N + "01_expressivity.py", _N + "02_loca_regimes.py", _N + "03_gradient_approximation.py",
+                  _N + "05_computational_limits.py", _N + "06_lora_squeeze.py", _N + "07_random_bases.py",
+                  _N + "08_lr_sensitivity.py"),
+       peft="peft.LoraConfig (rsLoRA: use_rslora=True)", peft_test="tests/training/test_peft_format.py",
+       note="rslora=True scales by alpha/sqrt(rank) (rsLoRA, arXiv:2312.03732)"),
+    _a("lora_sb", Paper("Initialization using Update Approximation is a Silver Bullet for Extremely Efficient "
+                        "Low-Rank Fine-Tuning", "2411.19557"), "rank ** 2", (_T + "test_svd_based.py",),
+       proofs=(_P + "04-lorasb-subspace.md", _EY),
+       notebooks=(_N + "03_gradient_approximation.py", _N + "04_lorasb_init.py")),
+    _a("lora_xs", Paper("LoRA-XS: Low-Rank Adaptation with Extremely Small Number of Parameters", "2405.17604"),
+       "rank ** 2", (_T + "test_svd_based.py",), proofs=(_P + "04-lorasb-subspace.md",),
+       notebooks=(_N + "01_expressivity.py", _N + "04_lorasb_init.py")),
+    _a("lq_lora", Paper("LQ-LoRA: Low-rank plus Quantized Matrix Decomposition for Efficient Language Model "
+                        "Finetuning", "2311.12023"), "rank * (d_out + d_in)", (_T + "test_sparse_quantized.py",),
+       proofs=(_RSVD,), peft="none (peft.LoftQConfig is a related, different initialization)"),
+    _a("milora", Paper("MiLoRA: Harnessing Minor Singular Components for Parameter-Efficient LLM Finetuning",
+                       "2406.09044"), "rank * (d_out + d_in)", (_T + "test_lowrank_family.py",), proofs=(_EY, _RSVD)),
+    _a("nola", Paper("NOLA: Compressing LoRA using Linear Combination of Random Basis", "2310.02556"),
+       "num_basis_a + num_basis_b", (_T + "test_random_basis.py",),
+       notebooks=(_N + "01_expressivity.py", _N + "07_random_bases.py")),
+    _a("pissa", Paper("PiSSA: Principal Singular Values and Singular Vectors Adaptation of Large Language Models",
+                      "2404.02948"), "rank * (d_out + d_in)", (_T + "test_lowrank_family.py",), proofs=(_EY, _RSVD),
+       notebooks=(_N + "08_lr_sensitivity.py",), peft="peft.LoraConfig(init_lora_weights='pissa')",
+       peft_test=_T + "test_lowrank_family.py"),
+    _a("qwha", Paper("QWHA: Quantization-Aware Walsh-Hadamard Adaptation for Parameter-Efficient Fine-Tuning on "
+                     "Large Language Models", "2509.17428"), "n_frequency", (_T + "test_frequency.py",),
+       proofs=(_P + "13-walsh-hadamard.md", _CTERM), notebooks=(_N + "01_expressivity.py",)),
+    _a("randlora", Paper("RandLoRA: Full-rank parameter-efficient fine-tuning of large models", "2502.00987"),
+       "ceil(min(d_out, d_in) / rank) * (rank + min(d_out, d_in))",
+       (_T + "test_random_basis.py", _T + "test_peft_random.py"), proofs=(_P + "10-randlora-full-rank.md",),
+       notebooks=(_N + "01_expressivity.py", _N + "07_random_bases.py"), peft="peft.RandLoraConfig",
+       peft_test=_T + "test_peft_random.py"),
+    _a("s2_lora", Paper("Sparsely Shared LoRA on Whisper for Child Speech Recognition", "2309.11756"),
+       "rank * (d_out + d_in) + rank", (_T + "test_lowrank_family.py",),
+       note="B, A shared by all layers: the count is per layer as if it owned them"),
+    _a("sltrain", Paper("SLTrain: a sparse plus low-rank approach for parameter and memory efficient pretraining",
+                        "2406.02214"), "rank * (d_out + d_in) + floor(density * d_out * d_in * (1 + 1e-12))",
+       (_T + "test_sparse_quantized.py",), notebooks=(_N + "01_expressivity.py",)),
+    _a("sora", Paper("Sparse Low-rank Adaptation of Pre-trained Language Models", "2311.11696"),
+       "rank * (d_out + d_in + 1)", (_T + "test_adaptive_rank.py", "tests/training/test_schedules.py"),
+       proofs=(_P + "15-sora-proximal-step.md",), notebooks=(_N + "10_rank_allocation.py",),
+       note="trained with its SoRASchedule by default"),
+    _a("ssf", Paper("Scaling & Shifting Your Features: A New Baseline for Efficient Model Tuning", "2210.08823"),
+       "2 * d_out", (_T + "test_multiplicative.py",)),
+    _a("svfit", Paper("SVFit: Parameter-Efficient Fine-Tuning of Large Pre-Trained Models Using Singular Values",
+                      "2409.05926"), "rank", (_T + "test_svd_based.py",), proofs=(_EY,),
+       notebooks=(_N + "01_expressivity.py",)),
+    _a("tlora", Paper("Transformed Low-rank Adaptation via Tensor Decomposition and Its Applications to "
+                      "Text-to-image Models", "2501.08727"), "", (_T + "test_tensor.py",),
+       note="parameters: the sizes of the tensor-train cores of ΔT (bond rank transform_rank) and R (bond rank "
+            "residual_rank), n_cores each (adapters.tensor.tt_core_shapes)"),
+    _a("unilora", Paper("Uni-LoRA: One Vector is All You Need", "2506.00799"), "d",
+       (_T + "test_projection.py", _T + "test_peft_random.py"), proofs=(_P + "09-unilora-isometry.md",),
+       notebooks=(_N + "01_expressivity.py", _N + "07_random_bases.py"), peft="peft.UniLoraConfig",
+       peft_test=_T + "test_peft_random.py", note="one vector θ_d shared by all layers: d counts it once"),
+    _a("vera", Paper("VeRA: Vector-based Random Matrix Adaptation", "2310.11454"), "d_out + rank",
+       (_T + "test_random_basis.py", _T + "test_peft_random.py"),
+       notebooks=(_N + "01_expressivity.py", _N + "07_random_bases.py"), peft="peft.VeraConfig",
+       peft_test=_T + "test_peft_random.py"),
+    MethodEntry("increlora", "method", Paper("IncreLoRA: Incremental Parameter Allocation Method for "
+                                             "Parameter-Efficient Fine-tuning", "2308.12043"),
+                tests=("tests/training/test_schedules.py",), notebooks=(_N + "10_rank_allocation.py",),
+                extra={"adapter": "adalora", "schedule": "lowrank_theory.training.increlora.IncreLoRASchedule"}),
+    MethodEntry("squeeze", "method", Paper("LoRA-Squeeze: Simple and Effective Post-Tuning and In-Tuning "
+                                           "Compression of LoRA Modules", "2602.10993"),
+                tests=("tests/training/test_schedules.py", _T + "test_squeeze.py"), proofs=(_EY, _RSVD),
+                notebooks=(_N + "06_lora_squeeze.py",),
+                extra={"adapter": "lora", "schedule": "lowrank_theory.training.schedules.LoRASqueezeSchedule"}),
+    MethodEntry("adamw", "rule", Paper("Decoupled Weight Decay Regularization", "1711.05101"),
+                tests=("tests/training/test_optim.py",), extra={"impl": "torch.optim.AdamW"}),
+    MethodEntry("sgd", "rule", Paper("plain stochastic gradient descent (torch.optim.SGD)"),
+                tests=("tests/training/test_optim.py",), extra={"impl": "torch.optim.SGD"}),
+    MethodEntry("lora+", "rule", Paper("LoRA+: Efficient Low Rank Adaptation of Large Models", "2402.12354"),
+                tests=("tests/training/test_optim.py",), notebooks=(_N + "03_gradient_approximation.py",
+                                                                   _N + "08_lr_sensitivity.py"),
+                peft="peft.optimizers.create_loraplus_optimizer",
+                extra={"impl": "lowrank_theory.training.optim.lora_plus_param_groups"}),
+    MethodEntry("lorapro", "rule", Paper("LoRA-Pro: Are Low-Rank Adapters Properly Optimized?", "2407.18242"),
+                tests=("tests/training/test_optim.py",), proofs=(_P + "03-lorapro-tangent-projection.md",),
+                notebooks=(_N + "03_gradient_approximation.py",),
+                extra={"impl": "lowrank_theory.training.optim_projected.LoRAPro"}),
+    MethodEntry("altlora", "rule", Paper("AltLoRA: Towards Better Gradient Approximation in Low-Rank Adaptation "
+                                         "with Alternating Projections", "2505.12455"),
+                tests=("tests/training/test_optim.py",), proofs=(_P + "03-lorapro-tangent-projection.md",),
+                notebooks=(_N + "03_gradient_approximation.py",),
+                extra={"impl": "lowrank_theory.training.optim_projected.AltLoRA"}),
+    MethodEntry("allora", "rule", Paper("ALLoRA: Adaptive Learning Rate Mitigates LoRA Fatal Flaws", "2410.09692"),
+                tests=("tests/training/test_optim.py",), extra={"impl": "lowrank_theory.training.optim.ALLoRA"}),
+)}
+
+#: what PEFT's LoRA format (``training.peft_format``) can hold
+PEFT_EXPORT = ("lora", "dora")
+
+
+def names(kind: str | None = None) -> list[str]:
+    """Indexed names (of one ``kind``: ``"adapter"``, ``"method"``, ``"rule"``), in index order."""
+    return [n for n, e in INDEX.items() if kind is None or e.kind == kind]
+
+
+def entry(name: str) -> MethodEntry:
+    """The declared entry of ``name`` (``ValueError`` listing the indexed names otherwise)."""
+    try:
+        return INDEX[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(names())}") from None
+
+
+def _namespace() -> dict[str, Any]:
+    return {"min": min, "max": max, "ceil": math.ceil, "floor": math.floor, "sqrt": math.sqrt}
+
+
+def param_count_from_formula(name: str, d_out: int, d_in: int, **cfg: Any) -> int:
+    """Evaluate ``name``'s declared parameter-count formula for a (d_out, d_in) weight.
+
+    Missing arguments take the defaults of the class's ``param_count``; ``where`` definitions are
+    evaluated first, in order.  The tests compare this with ``param_count`` itself.
+    """
+    from . import adapters
+
+    e = entry(name)
+    if e.kind != "adapter" or not e.params:
+        raise ValueError(f"{name!r} declares no evaluable parameter-count formula")
+    sig = inspect.signature(adapters.get(name).param_count)
+    env = {k: p.default for k, p in sig.parameters.items() if p.default is not inspect.Parameter.empty}
+    env.update(cfg, d_out=d_out, d_in=d_in)
+    ns = _namespace()
+    for var, expr in e.where:
+        env[var] = eval(expr, ns, dict(env))  # our own declared expressions, not user input
+    return int(eval(e.params, ns, env))
+
+
+def _source_path(obj: Any) -> str:
+    path = Path(inspect.getsourcefile(obj)).resolve()
+    parts = path.parts
+    return "/".join(parts[parts.index("lowrank_theory"):]) if "lowrank_theory" in parts else str(path)
+
+
+def _import(dotted: str) -> Any:
+    import importlib
+
+    mod, _, attr = dotted.rpartition(".")
+    return getattr(importlib.import_module(mod), attr)
+
+
+def _first_line(obj: Any) -> str:
+    doc = inspect.getdoc(obj) or ""
+    first = doc.split("\n\n")[0]
+    return " ".join(first.split())
+
+
+_LATEX = [(r"\Delta ", "Δ"), (r"\Delta", "Δ"), (r"\odot", "⊙"), (r"\times", "×"), (r"\in ", "∈ "), (r"\top", "ᵀ"),
+          (r"\lambda", "λ"), (r"\eta", "η"), (r"\theta", "θ"), (r"\sigma", "σ"), (r"\sum", "Σ"), (r"\gamma", "γ"),
+          (r"\beta", "β"), (r"\delta", "δ"), (r"\approx", "≈"), (r"\lVert", "‖"), (r"\rVert", "‖"),
+          (r"\cdots", "…"), (r"\dots", "…"), (r"\,", " "), (r"\;", " "), (r"\!", ""), (r"\textstyle", "")]
+
+
+def plain_math(text: str) -> str:
+    """reST/LaTeX of a docstring line as plain text for a terminal (``\\Delta W = s\\,BA`` -> ``ΔW = s BA``)."""
+    text = re.sub(r":math:`([^`]*)`", r"\1", text)
+    text = re.sub(r":(?:class|func|meth|data|mod):`~?([^`]*)`", r"\1", text)
+    text = text.replace("``", "")
+    text = re.sub(r"\\(?:operatorname|mathrm|mathbb|mathcal|text)\{([^}]*)\}", r"\1", text)
+    text = re.sub(r"\\sqrt\{((?:[^{}]|\{[^{}]*\})*)\}", r"√(\1)", text)
+    for a, b in _LATEX:
+        text = text.replace(a, b)
+    text = re.sub(r"\\(?:mathcal|mathbb) ?([A-Za-z])", r"\1", text)
+    text = text.replace("^ᵀ", "ᵀ").replace("{", "").replace("}", "").replace("\\", "")
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def describe(name: str) -> dict[str, Any]:
+    """The full index entry of ``name``: the declared data plus what the code says (class, file, formula,
+    parameter count formula, export support)."""
+    from . import adapters
+
+    e = entry(name)
+    out: dict[str, Any] = {"name": name, "kind": e.kind, "paper": e.paper.cite(),
+                           "arxiv": f"https://arxiv.org/abs/{e.paper.arxiv}" if e.paper.arxiv else None,
+                           "tests": list(e.tests), "proofs": list(e.proofs), "notebooks": list(e.notebooks),
+                           "peft": e.peft or "none", "peft_checked_in": e.peft_test or None, "note": e.note}
+    if e.kind == "adapter":
+        cls = adapters.get(name)
+        out.update(cls=f"{cls.__module__}.{cls.__qualname__}", file=_source_path(cls), formula=_first_line(cls),
+                   params=_params_text(e), param_count=f"{cls.__qualname__}.param_count")
+    elif e.kind == "method":
+        cls = adapters.get(e.extra["adapter"])
+        sched = _import(e.extra["schedule"])
+        out.update(cls=f"{cls.__module__}.{cls.__qualname__} + {e.extra['schedule']}", file=_source_path(sched),
+                   formula=_first_line(sched), params=f"that of {e.extra['adapter']}, changing with the schedule")
+    else:
+        impl = e.extra["impl"]
+        obj = _import(impl)
+        out.update(cls=impl, file=_source_path(obj) if impl.startswith("lowrank_theory") else impl,
+                   formula=_first_line(obj) if impl.startswith("lowrank_theory") else _first_line(obj).split(".")[0],
+                   params="the adapter's (a rule changes how it trains, not what)")
+    out["export"] = _export_text(name, e)
+    return out
+
+
+def _params_text(e: MethodEntry) -> str:
+    if not e.params:
+        return e.note or "see param_count"
+    text = e.params.replace(" ** 2", "²").replace(" * ", "·")
+    if e.where:
+        text += "  with " + ", ".join(f"{v} = {x}" for v, x in e.where)
+    return text
+
+
+def _export_text(name: str, e: MethodEntry) -> str:
+    if e.kind == "rule":
+        return "-"
+    base = name if e.kind == "adapter" else e.extra["adapter"]
+    ours = "our checkpoint format (training.checkpoint: safetensors + JSON)"
+    if base in PEFT_EXPORT and e.kind == "adapter":
+        return f"{ours}; PEFT's LoRA format (training.peft_format.export_peft / import_peft)"
+    return ours + "; not PEFT's format"
+
+
+_FIELDS = (("kind", "kind"), ("paper", "paper"), ("arxiv", "arXiv"), ("formula", "formula"), ("cls", "class"),
+           ("file", "file"), ("params", "parameters"), ("tests", "tests"), ("proofs", "proofs"),
+           ("notebooks", "notebooks"), ("peft", "PEFT"), ("peft_checked_in", "checked against PEFT in"),
+           ("export", "export"), ("note", "note"))
+
+
+def format_entry(name: str) -> str:
+    """The entry of ``name`` as aligned text lines for ``lowrank-theory info NAME``."""
+    d = describe(name)
+    d["formula"] = plain_math(d["formula"])
+    width = max(len(label) for _, label in _FIELDS)
+    lines = [f"{name}"]
+    for key, label in _FIELDS:
+        v = d.get(key)
+        if v in (None, "", []):
+            continue
+        if isinstance(v, list):
+            v = ", ".join(v)
+        lines.append(f"  {label:<{width}}  {v}")
+    return "\n".join(lines)
+
+
+def methods_markdown() -> str:
+    """``docs/methods.md``: one table row per method, then one section per method (generated; do not edit)."""
+    md = ["# Methods: paper, math, code, tests, proofs, notebooks", "",
+          "Generated by `python -m lowrank_theory.method_index docs/methods.md` from "
+          "`lowrank_theory/method_index.py` and the code; `tests/test_method_index.py` fails when this file is "
+          "stale. The same entry is printed by `lowrank-theory info NAME`.", "",
+          "| name | kind | paper | parameters | PEFT | export to PEFT |", "|---|---|---|---|---|---|"]
+    for n in names():
+        d = describe(n)
+        paper = f"[{d['paper']}]({d['arxiv']})" if d["arxiv"] else d["paper"]
+        to_peft = "yes" if "PEFT" in d["export"] and "not PEFT" not in d["export"] else "no"
+        md.append(f"| [`{n}`](#{_anchor(_heading(n, d['kind']))}) | {d['kind']} | {paper} | {_cell(d['params'])} | "
+                  f"{_cell(d['peft'])} | {to_peft} |")
+    for n in names():
+        d = describe(n)
+        md += ["", f"## {_heading(n, d['kind'])}", ""]
+        formula = re.sub(r":math:`([^`]*)`", r"$\1$", d["formula"])
+        formula = re.sub(r":(?:class|func|meth|data|mod):`~?([^`]*)`", r"`\1`", formula).replace("``", "`")
+        md += [f"- **formula:** {formula}", f"- **paper:** {d['paper']}" + (f" ({d['arxiv']})" if d["arxiv"] else ""),
+               f"- **class:** `{d['cls']}` in [`{d['file']}`](../{d['file']})" if d["file"].startswith("lowrank_theory")
+               else f"- **implementation:** `{d['cls']}`",
+               f"- **parameters:** {d['params']}"]
+        for key, label in (("tests", "tests"), ("proofs", "proofs"), ("notebooks", "notebooks")):
+            if d[key]:
+                md.append(f"- **{label}:** " + ", ".join(f"[`{p}`](../{p})" for p in d[key]))
+        md.append(f"- **PEFT:** {d['peft']}" + (f" (checked in `{d['peft_checked_in']}`)" if d["peft_checked_in"]
+                                                else ""))
+        md.append(f"- **export:** {d['export']}")
+        if d["note"]:
+            md.append(f"- **note:** {d['note']}")
+    return "\n".join(md) + "\n"
+
+
+def _heading(name: str, kind: str) -> str:
+    return name if kind == "adapter" else f"{name} ({'training rule' if kind == 'rule' else 'adapter + schedule'})"
+
+
+def _anchor(name: str) -> str:
+    return re.sub(r"[^a-z0-9_ -]", "", name.lower()).replace(" ", "-")
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+if __name__ == "__main__":  # pragma: no cover - the docs generator
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else None
+    text = methods_markdown()
+    if target is None:
+        sys.stdout.write(text)
+    else:
+        target.write_text(text, encoding="utf-8")
