@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Adapter, check_input
+from .base import Adapter, check_input, working_dtype
 
 __all__ = ["DEFAULT_ADAPTER", "AdaptedLinear", "AdapterHost"]
 
@@ -70,6 +70,7 @@ class AdapterHost(nn.Module):
         self._active: list[str] = []
         self._merged: list[str] = []
         self._snapshots: dict[str, tuple[int, dict[str, torch.Tensor]]] = {}
+        self._parked: dict[str, dict[str, bool]] = {}  # an inactive adapter's requires_grad flags
         self.disabled = False
         if adapter is not None:
             self.add_adapter(adapter_name, adapter)
@@ -147,7 +148,7 @@ class AdapterHost(nn.Module):
         """
         name = _check_name(name)
         if name in self.adapters:
-            raise ValueError(f"adapter name {name!r} is already in use; known: {list(self.adapters)}")
+            raise ValueError(f"adapter_name {name!r} is already in use; known: {list(self.adapters)}")
         self._check_adapter(adapter)
         if activate is None:
             activate = not self._active
@@ -158,12 +159,30 @@ class AdapterHost(nn.Module):
         self.adapters[name] = adapter
         if activate:
             self._active.append(name)
+        else:
+            self._park(name)
 
     def set_adapter(self, names: str | Sequence[str]) -> None:
-        """Make ``names`` (one name or several) the active adapters, in that order."""
+        """Make ``names`` (one name or several) the active adapters, in that order.
+
+        Inactive adapters are frozen (``requires_grad=False``) and get their trainable flags back when
+        they are activated again, as in PEFT, so an optimizer over the trainable parameters sees only
+        the active ones.
+        """
+        names = self.check_set_adapter(names)
+        for n in self._active:
+            if n not in names:
+                self._park(n)
+        for n in names:
+            self._unpark(n)
+        self._active = names
+
+    def check_set_adapter(self, names: str | Sequence[str]) -> list[str]:
+        """Validate :meth:`set_adapter`'s argument without changing anything; return the names as a list.
+
+        An empty list is allowed: no adapter active, the layer computes its base output.
+        """
         names = [names] if isinstance(names, str) else list(names)
-        if not names:
-            raise ValueError("names must name at least one adapter")
         for n in names:
             _check_name(n, "names")
             if n not in self.adapters:
@@ -173,7 +192,20 @@ class AdapterHost(nn.Module):
         if self._merged and names != self._active:
             raise ValueError(f"adapters {self._merged} are merged; unmerge() before changing the active adapters")
         self._check_combination(names, {})
-        self._active = names
+        return names
+
+    def _park(self, name: str) -> None:
+        """Freeze an adapter that leaves the active set, remembering which of its tensors trained."""
+        ad = self.adapters[name]
+        self._parked[name] = {k: p.requires_grad for k, p in ad.named_parameters()}
+        for p in ad.parameters():
+            p.requires_grad_(False)
+
+    def _unpark(self, name: str) -> None:
+        flags = self._parked.pop(name, None)
+        if flags is not None:
+            for k, p in self.adapters[name].named_parameters():
+                p.requires_grad_(flags.get(k, False))
 
     def delete_adapter(self, name: str) -> None:
         """Remove the adapter ``name`` (not while it is merged)."""
@@ -182,6 +214,7 @@ class AdapterHost(nn.Module):
         if name in self._merged:
             raise ValueError(f"adapter {name!r} is merged; unmerge() before deleting it")
         del self.adapters[name]
+        self._parked.pop(name, None)
         if name in self._active:
             self._active.remove(name)
 
@@ -219,15 +252,24 @@ class AdapterHost(nn.Module):
 
     @torch.no_grad()
     def _chain(self, names: Sequence[str], w: torch.Tensor, b: torch.Tensor | None, *, merge: bool):
-        """Apply the named adapters' merges (or, reversed, their unmerges) to ``(w, b)``."""
-        order = names if merge else list(reversed(names))
-        for n in order:
-            ad = self.adapters[n]
-            if merge:
-                w, b = ad.merged_weight(w), ad.merged_bias(b)
-            else:
-                w, b = ad.unmerged_weight(w), ad.unmerged_bias(b)
-        return w, b
+        """Apply the named adapters' merges (or, reversed, their unmerges) to ``(w, b)``.
+
+        The whole chain runs in one working dtype (float32, or wider when W0 or an adapter is wider)
+        and is rounded to the stored dtype once at the end, so several merged adapters cost one
+        rounding, not one per adapter.
+        """
+        ads = [self.adapters[n] for n in (names if merge else list(reversed(names)))]
+        acc = w.dtype
+        for ad in ads:
+            acc = torch.promote_types(acc, ad.merge_dtype(w))
+        wa, ba = w.to(acc), None if b is None else b.to(acc)
+        for ad in ads:
+            with working_dtype(ad, acc):
+                if merge:
+                    wa, ba = ad._merge(wa), ad._merge_bias(ba)
+                else:
+                    wa, ba = ad._unmerge(wa), ad._unmerge_bias(ba)
+        return wa.to(w.dtype), None if ba is None or b is None else ba.to(b.dtype)
 
     @torch.no_grad()
     def base_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -278,6 +320,10 @@ class AdapterHost(nn.Module):
             self._snapshots[n] = (id(self.adapters[n]), _state_copy(self.adapters[n]))
         self._write(w, b)
         self._merged.extend(todo)
+
+    def check_unmerge(self) -> None:
+        """Raise ``ValueError`` if :meth:`unmerge` would refuse (a merged adapter changed or was replaced)."""
+        self._check_unchanged()
 
     def _check_unchanged(self) -> None:
         for n in self._merged:

@@ -150,27 +150,41 @@ class LayerView:
 
 
 class AdaptedLinearView(LayerView):
-    """Our :class:`~lowrank_theory.adapters.AdaptedLinear` (its active adapter) seen by the checks."""
+    """Our :class:`~lowrank_theory.adapters.AdaptedLinear` seen by the checks: its *active* adapters.
+
+    With several active adapters (their updates add) the view's tensors and state are theirs together,
+    keyed ``"<adapter name>.<key>"``.
+    """
 
     def __init__(self, layer: AdaptedLinear,
                  initial_weights: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> None:
         if not isinstance(layer, AdaptedLinear):
             raise TypeError(f"layer must be an AdaptedLinear, got {type(layer).__name__}")
+        self._init_view(layer, (layer.d_out, layer.d_in), initial_weights)
+
+    def _init_view(self, layer, shape, initial_weights) -> None:
         self.module = layer
-        self.d_out, self.d_in = layer.d_out, layer.d_in
-        ad = layer.adapter
-        self.identity_at_init = bool(ad.identity_at_init)
-        self.exact_gradient = bool(ad.exact_gradient)
-        self.multiplicative = bool(ad.multiplicative)
+        self.d_out, self.d_in = shape
+        if not layer.active_adapters:
+            raise ValueError("the layer has no active adapter to check")
+        ads = self.active
+        self.identity_at_init = all(bool(a.identity_at_init) for a in ads)
+        self.exact_gradient = all(bool(a.exact_gradient) for a in ads)
+        self.multiplicative = any(bool(a.multiplicative) for a in ads)
         self.initial_weights = initial_weights
 
     @property
+    def active(self) -> list[Adapter]:
+        return [self.module.adapters[n] for n in self.module.active_adapters]
+
+    @property
     def adapter(self) -> Adapter:
+        """The active adapter when there is one (``config`` and ``param_count`` checks need a single one)."""
         return self.module.adapter
 
     @property
     def name(self) -> str:
-        return type(self.adapter).name or type(self.adapter).__name__
+        return "+".join(type(a).name or type(a).__name__ for a in self.active)
 
     def merge(self, *, safe: bool) -> None:
         self.module.merge(safe=safe)
@@ -187,42 +201,54 @@ class AdaptedLinearView(LayerView):
     def dense_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.module.merged_weights()
 
+    def _named(self):
+        return [(n, self.module.adapters[n]) for n in self.module.active_adapters]
+
     def adapter_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        return [(n, p) for n, p in self.adapter.named_parameters() if p.requires_grad]
+        return [(f"{an}.{k}", p) for an, ad in self._named() for k, p in ad.named_parameters() if p.requires_grad]
 
     def base_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return list(self.module.base.named_parameters())
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
-        return self.adapter.state_dict()
+        return {f"{an}.{k}": t for an, ad in self._named() for k, t in ad.state_dict().items()}
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.adapter.load_state_dict(state)
+        for an, ad in self._named():
+            ad.load_state_dict({k[len(an) + 1:]: t for k, t in state.items() if k.startswith(an + ".")})
 
     def cast(self, base_dtype: torch.dtype, adapter_dtype: torch.dtype) -> None:
         self.module.base.to(base_dtype)
-        self.adapter._apply(lambda t: t.to(adapter_dtype) if t.is_floating_point() else t)
+        for ad in self.active:
+            ad._apply(lambda t: t.to(adapter_dtype) if t.is_floating_point() else t)
 
-    def rebuild(self) -> LayerView | None:
+    def _rebuilt_adapter(self) -> Adapter | None:
         from ..adapters import create, names
 
-        key = type(self.adapter).name
-        if key not in names():
+        if len(self.active) != 1 or type(self.adapter).name not in names():
             return None
-        ad = create(key, self.d_out, self.d_in, **self.adapter.config())
+        ad = create(type(self.adapter).name, self.d_out, self.d_in, **self.adapter.config())
         ref = next(iter(self.adapter.parameters()))
         ad._apply(lambda t: t.to(ref.dtype) if t.is_floating_point() else t)
         ad.load_state_dict(self.adapter.state_dict())
-        return AdaptedLinearView(AdaptedLinear(self.module.base, ad), self.initial_weights)
+        return ad
+
+    def rebuild(self) -> LayerView | None:
+        ad = self._rebuilt_adapter()
+        return None if ad is None else AdaptedLinearView(AdaptedLinear(self.module.base, ad), self.initial_weights)
 
     def expected_param_count(self) -> int | None:
-        try:
-            return int(type(self.adapter).param_count(self.d_out, self.d_in, **self.adapter.config()))
-        except NotImplementedError:
-            return None
+        total = 0
+        for ad in self.active:
+            try:
+                total += int(type(ad).param_count(self.d_out, self.d_in, **ad.config()))
+            except NotImplementedError:
+                return None
+        return total
 
     def all_tensors(self) -> dict[str, torch.Tensor]:
-        return dict(self.adapter.named_parameters()) | dict(self.adapter.named_buffers())
+        return {f"{an}.{k}": t for an, ad in self._named()
+                for k, t in (*ad.named_parameters(), *ad.named_buffers())}
 
 
 class AdaptedConv2dView(AdaptedLinearView):
@@ -232,13 +258,7 @@ class AdaptedConv2dView(AdaptedLinearView):
                  initial_weights: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> None:
         if not isinstance(layer, AdaptedConv2d):
             raise TypeError(f"layer must be an AdaptedConv2d, got {type(layer).__name__}")
-        self.module = layer
-        self.d_out, self.d_in = layer.base.out_channels, layer.base.in_channels
-        ad = layer.adapter
-        self.identity_at_init = bool(ad.identity_at_init)
-        self.exact_gradient = bool(ad.exact_gradient)
-        self.multiplicative = bool(ad.multiplicative)
-        self.initial_weights = initial_weights
+        self._init_view(layer, (layer.base.out_channels, layer.base.in_channels), initial_weights)
 
     def example_input(self, dtype: torch.dtype, batch: tuple[int, ...] = (2,), seed: int = 7) -> torch.Tensor:
         w, _ = self.stored_weights()
@@ -258,16 +278,8 @@ class AdaptedConv2dView(AdaptedLinearView):
         return x, tuple(self.functional(x, w.to(dtype), None if b is None else b.to(dtype)).shape)
 
     def rebuild(self) -> LayerView | None:
-        from ..adapters import create, names
-
-        key = type(self.adapter).name
-        if key not in names():
-            return None
-        ad = create(key, self.d_out, self.d_in, **self.adapter.config())
-        ref = next(iter(self.adapter.parameters()))
-        ad._apply(lambda t: t.to(ref.dtype) if t.is_floating_point() else t)
-        ad.load_state_dict(self.adapter.state_dict())
-        return AdaptedConv2dView(AdaptedConv2d(self.module.base, ad), self.initial_weights)
+        ad = self._rebuilt_adapter()
+        return None if ad is None else AdaptedConv2dView(AdaptedConv2d(self.module.base, ad), self.initial_weights)
 
 
 def as_view(obj: Any, d_out: int, d_in: int, dtype: torch.dtype, seed: int = 0) -> LayerView:

@@ -5,7 +5,7 @@
   :func:`unwrap_model` (DDP / ``accelerate`` / ``torch.compile`` wrappers), ...
 * :mod:`~lowrank_theory.training.checkpoint` -- :func:`save_adapters` / :func:`load_adapters`
   (safetensors + JSON; frozen random bases regenerated from seeds; ``resize=True`` after a rank change;
-  :func:`~lowrank_theory.training.checkpoint.plan_load` validates without writing).
+  :func:`~lowrank_theory.training.checkpoint_load.plan_load` validates without writing).
 * :mod:`~lowrank_theory.training.peft_format` -- :func:`export_peft` / :func:`import_peft` in
   PEFT's ``adapter_config.json`` + ``adapter_model.safetensors`` for every method PEFT also has
   (LoRA / rsLoRA / DoRA, AdaLoRA, HiRA = HUT, VeRA, RandLoRA, Uni-LoRA, FourierFT), one table of
@@ -33,7 +33,21 @@
 
 from __future__ import annotations
 
-from .checkpoint import load_adapters, save_adapters
+from .adapter_ops import (
+    active_adapters,
+    adapter_names,
+    delete_adapter,
+    disable,
+    merge,
+    merge_and_unload,
+    set_adapter,
+    summary,
+    trainable_parameters,
+    unload,
+    unmerge,
+)
+from .checkpoint import save_adapters
+from .checkpoint_load import load_adapters, plan_load
 from .data import (
     ByteTokenizer,
     TextDataset,
@@ -45,18 +59,7 @@ from .data import (
 )
 from .fsdp import shard_model
 from .increlora import IncreLoRASchedule, grow_adalora
-from .injection import (
-    adapted_layers,
-    disable,
-    find_targets,
-    inject,
-    merge,
-    prepare,
-    summary,
-    trainable_parameters,
-    unmerge,
-    unwrap_model,
-)
+from .injection import adapted_layers, find_targets, inject, prepare, unwrap_model
 from .optim import make_optimizer
 from .peft_format import export_peft, import_peft
 from .rank_change import ParamRemap, RankChange, RankSchedule, remap_optimizer
@@ -87,8 +90,11 @@ __all__ = [
     "TextDataset",
     "TrainConfig",
     "Trainer",
+    "active_adapters",
     "adapted_layers",
+    "adapter_names",
     "classification_task",
+    "delete_adapter",
     "disable",
     "docstring_dataset",
     "export_peft",
@@ -104,12 +110,15 @@ __all__ = [
     "make_schedule",
     "make_task",
     "merge",
+    "merge_and_unload",
+    "plan_load",
     "planted_delta",
     "prepare",
     "real_finetune_delta",
     "real_layer_gradients",
     "remap_optimizer",
     "save_adapters",
+    "set_adapter",
     "shard_model",
     "squeeze_model",
     "stdlib_sentences",
@@ -117,6 +126,7 @@ __all__ = [
     "teacher_student_task",
     "tiny_gpt2",
     "trainable_parameters",
+    "unload",
     "unmerge",
     "unwrap_model",
 ]

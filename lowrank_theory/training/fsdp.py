@@ -36,7 +36,7 @@ Replicated parameters stay fp32, so run the forward under ``torch.autocast`` (th
 
 Checkpoints: :func:`~lowrank_theory.training.checkpoint.save_adapters` on a sharded model is a
 collective -- every rank calls it, the sharded tensors are gathered (:func:`full_tensor`) and rank
-0 writes the same files as for an unsharded model; :func:`~lowrank_theory.training.checkpoint.load_adapters`
+0 writes the same files as for an unsharded model; :func:`~lowrank_theory.training.checkpoint_load.load_adapters`
 loads such a file into a sharded model (each rank keeps its shard, :func:`shard_like`) or an
 unsharded one.
 

@@ -35,7 +35,8 @@ from typing import Any
 
 from torch import nn
 
-from .checkpoint import CONFIG_NAME, FORMAT, load_adapters, read_json, save_adapters
+from .checkpoint import CONFIG_NAME, FORMAT, read_json, save_adapters
+from .checkpoint_load import load_adapters
 from .injection import adapted_layers, unwrap_model
 from .peft_format import PEFT_CONFIG_NAME, export_peft, import_peft, peft_type_of
 
@@ -94,7 +95,7 @@ def from_pretrained(base_model: nn.Module, path: str | os.PathLike, **overrides:
         adapter directory (``peft_type`` in its ``adapter_config.json``; see
         :func:`~lowrank_theory.training.peft_format.import_peft`).
     **overrides
-        Passed to :func:`~lowrank_theory.training.checkpoint.load_adapters` for our format (objects
+        Passed to :func:`~lowrank_theory.training.checkpoint_load.load_adapters` for our format (objects
         that were not saved, e.g. ``shared=UniLoRAShared(...)``).
 
     Returns
@@ -166,7 +167,7 @@ def adapter_trainer(base: type | None = None) -> type:
         ``class Adapter<base>(..., base)``: ``_save`` writes :func:`save_pretrained` (ours, and
         PEFT's in ``peft/`` where the method has it; set the class attribute ``peft_format`` to
         force either way), ``_load_from_checkpoint`` and ``_load_best_model`` read it back with
-        :func:`~lowrank_theory.training.checkpoint.load_adapters`.  The model must be injected.
+        :func:`~lowrank_theory.training.checkpoint_load.load_adapters`.  The model must be injected.
 
     Raises
     ------

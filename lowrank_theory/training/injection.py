@@ -34,8 +34,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,28 +43,28 @@ from torch import nn
 
 from .. import __version__, adapters
 from ..adapters import AdaptedLinear, Adapter
+from ..adapters.layer import DEFAULT_ADAPTER
 from ..linalg.random import derive_seed
 
 __all__ = [
     "CONFIG_ATTR",
+    "ORIGINAL_FLAGS_ATTR",
     "OUTPUT_HEAD_NAMES",
     "InjectionPlan",
     "adapted_layers",
-    "disable",
     "find_targets",
+    "freeze_non_adapter",
     "inject",
     "is_linear",
-    "merge",
     "prepare",
-    "summary",
     "to_json",
-    "trainable_parameters",
-    "unmerge",
     "unwrap_model",
 ]
 
 #: Attribute of the model that holds the list of injection records (plain JSON-able dicts).
 CONFIG_ATTR = "lowrank_adapter_config"
+#: Attribute of the model holding ``[(parameter, requires_grad)]`` from before the first injection.
+ORIGINAL_FLAGS_ATTR = "_lowrank_original_requires_grad"
 #: Module names treated as output heads by ``"all-linear"`` (any path component).
 OUTPUT_HEAD_NAMES = ("lm_head", "classifier", "score")
 
@@ -80,7 +79,9 @@ def is_linear(module: nn.Module) -> bool:
 
 
 def _weight_2d(base: nn.Module) -> torch.Tensor:
-    """The base weight as (d_out, d_in) -- a transposed view for Conv1D."""
+    """The base weight as (d_out, d_in) -- a transposed view for Conv1D, the stored one of an adapted layer."""
+    if isinstance(base, AdaptedLinear):
+        return base.weight
     return base.weight if isinstance(base, nn.Linear) else base.weight.T
 
 
@@ -162,7 +163,8 @@ def _output_head_names(model: nn.Module) -> set[str]:
     return heads
 
 
-def find_targets(model: nn.Module, targets: Targets = "all-linear", exclude: Targets | None = None) -> list[str]:
+def find_targets(model: nn.Module, targets: Targets = "all-linear", exclude: Targets | None = None, *,
+                 adapter_name: str = DEFAULT_ADAPTER) -> list[str]:
     """Names of the modules ``targets`` selects (minus ``exclude``), in ``named_modules`` order.
 
     Parameters
@@ -170,8 +172,12 @@ def find_targets(model: nn.Module, targets: Targets = "all-linear", exclude: Tar
     model : nn.Module
     targets : str, re.Pattern or list of them
         See the module docstring (exact name, dotted suffix, ``"re:"`` full match, ``"all-linear"``).
+        An already adapted layer (``AdaptedLinear``) is a target too: it receives ``adapter_name``
+        next to the adapters it holds.
     exclude : same as ``targets``, optional
         Modules to leave alone (exclusions need not match anything).
+    adapter_name : str, default ``"default"``
+        The name the new adapters get; a layer that already holds an adapter of that name is an error.
 
     Returns
     -------
@@ -181,7 +187,7 @@ def find_targets(model: nn.Module, targets: Targets = "all-linear", exclude: Tar
     ------
     ValueError
         If a target entry matches no module (the message lists some module names), or a matched
-        module is already adapted.
+        layer already holds an adapter named ``adapter_name``.
     TypeError
         If a matched module is neither ``nn.Linear`` nor ``Conv1D``, or the arguments have the wrong type.
     """
@@ -191,7 +197,7 @@ def find_targets(model: nn.Module, targets: Targets = "all-linear", exclude: Tar
     chosen: dict[str, nn.Module] = {}
     if isinstance(targets, str) and targets.lower() == "all-linear":
         heads = _output_head_names(model)
-        chosen = {n: m for n, m in cands if is_linear(m) and n not in heads}
+        chosen = {n: m for n, m in cands if (is_linear(m) or isinstance(m, AdaptedLinear)) and n not in heads}
         if not chosen:
             raise ValueError(f"targets='all-linear' matched no module outside the output head; {_some_names(model)}")
     else:
@@ -207,7 +213,12 @@ def find_targets(model: nn.Module, targets: Targets = "all-linear", exclude: Tar
             raise ValueError(f"every target module is excluded by exclude={to_json(exclude)!r}")
     for n, m in chosen.items():
         if isinstance(m, AdaptedLinear):
-            raise ValueError(f"module {n!r} is already adapted ({type(m.adapter).__name__})")
+            if adapter_name in m.adapters:
+                raise ValueError(
+                    f"module {n!r} already holds an adapter named {adapter_name!r} "
+                    f"({type(m.adapters[adapter_name]).__name__}); pass another adapter_name to add one next to it"
+                )
+            continue
         if not is_linear(m):
             raise TypeError(f"target module {n!r} is {type(m).__name__}; only nn.Linear and Conv1D can be adapted")
     order = {n: i for i, (n, _) in enumerate(cands)}
@@ -229,19 +240,28 @@ class InjectionPlan:
         """Swap the adapted layers in, write new base weights, freeze, record; return the model."""
         if self.applied:
             raise ValueError("this InjectionPlan was already applied")
+        adapter_name = self.record.get("adapter_name", DEFAULT_ADAPTER)
         for name in self.adapters:  # the model may have changed since prepare()
             mod = self.model.get_submodule(name)
-            if not is_linear(mod):
+            if isinstance(mod, AdaptedLinear):  # adapted before or since prepare(): the adapter is added to it
+                if adapter_name in mod.adapters or mod.merged or name in self.new_weights:
+                    raise ValueError(f"layer {name!r} changed since prepare(): it holds {adapter_name!r}, is merged, "
+                                     f"or holds adapters under a base weight this plan would rewrite")
+            elif not is_linear(mod):
                 raise ValueError(f"module {name!r} is no longer a Linear/Conv1D ({type(mod).__name__})")
+        _remember_flags(self.model)
         with torch.no_grad():
             for name, ad in self.adapters.items():
                 parent_name, _, attr = name.rpartition(".")
                 parent = self.model.get_submodule(parent_name)
                 base = getattr(parent, attr)
+                if isinstance(base, AdaptedLinear):
+                    base.add_adapter(adapter_name, ad)  # inactive until set_adapter(), as in PEFT
+                    continue
                 if name in self.new_weights:
                     w = self.new_weights[name]
                     base.weight.copy_(w if isinstance(base, nn.Linear) else w.T)
-                setattr(parent, attr, AdaptedLinear(base, ad))
+                setattr(parent, attr, AdaptedLinear(base, ad, adapter_name=adapter_name))
         freeze_non_adapter(self.model)
         records = list(getattr(self.model, CONFIG_ATTR, None) or [])
         records.append(self.record)
@@ -277,6 +297,7 @@ def prepare(
     from_weight: bool | None = None,
     dtype: torch.dtype | None = None,
     layer_seeds: bool = False,
+    adapter_name: str = DEFAULT_ADAPTER,
     **cfg: Any,
 ) -> InjectionPlan:
     """Resolve targets and build every adapter without changing ``model`` (arguments as :func:`inject`)."""
@@ -292,8 +313,11 @@ def prepare(
     use_fw = callable(getattr(cls, "from_weight", None)) if from_weight is None else bool(from_weight)
     if use_fw and not callable(getattr(cls, "from_weight", None)):
         raise ValueError(f"from_weight=True but adapter {method!r} has no from_weight constructor")
-    names = find_targets(model, targets, exclude)
+    names = find_targets(model, targets, exclude, adapter_name=adapter_name)
     bases = {n: model.get_submodule(n) for n in names}
+    for n, b in bases.items():
+        if isinstance(b, AdaptedLinear) and b.merged:
+            raise ValueError(f"layer {n!r} is merged; unmerge(model) before adding adapter {adapter_name!r}")
     shapes = [tuple(_weight_2d(b).shape) for b in bases.values()]
     extra = _shared_kwargs(cls, shapes, cfg)
     built: dict[str, Adapter] = {}
@@ -312,6 +336,12 @@ def prepare(
                         f"{method}.from_weight returned a base weight of shape {tuple(W_new.shape)} "
                         f"(expected {(d_out, d_in)}) or with NaN/Inf for {name!r}"
                     )
+                if isinstance(base, AdaptedLinear):
+                    raise ValueError(
+                        f"{method}.from_weight rewrites the base weight of {name!r}, which holds adapters "
+                        f"{list(base.adapters)} defined on the current one; add {method!r} to a layer without "
+                        f"adapters, or with from_weight=False"
+                    )
                 new_weights[name] = W_new.detach().to(device=W.device, dtype=W.dtype)
         else:
             ad = cls(d_out, d_in, **kw)
@@ -327,6 +357,7 @@ def prepare(
         "from_weight": use_fw,
         "dtype": None if dtype is None else str(dtype).removeprefix("torch."),
         "layer_seeds": layer_seeds,
+        "adapter_name": adapter_name,
         "library_version": __version__,
     }
     return InjectionPlan(model, record, built, new_weights)
@@ -341,6 +372,7 @@ def inject(
     from_weight: bool | None = None,
     dtype: torch.dtype | None = None,
     layer_seeds: bool = False,
+    adapter_name: str = DEFAULT_ADAPTER,
     **cfg: Any,
 ) -> nn.Module:
     r"""Wrap every target layer of ``model`` with the adapter ``method``; freeze everything else.
@@ -363,6 +395,10 @@ def inject(
     layer_seeds : bool
         Give layer ``name`` the seed ``derive_seed(seed, name)`` instead of ``seed`` itself, so
         per-layer random tensors differ (leave False where the method shares them, e.g. VeRA).
+    adapter_name : str, default ``"default"``
+        The name of the new adapters.  A target that is already adapted gets this adapter next to
+        the ones it holds, *inactive* (frozen) until :func:`~lowrank_theory.training.set_adapter`
+        activates it, as in PEFT; a fresh target gets it as its active adapter.
     **cfg
         The adapter's constructor keywords (``rank=8, alpha=16``); passed unchanged to every layer.
 
@@ -386,7 +422,8 @@ def inject(
     when an error is raised (all adapters are built first).
     """
     return prepare(
-        model, method, targets, exclude, from_weight=from_weight, dtype=dtype, layer_seeds=layer_seeds, **cfg
+        model, method, targets, exclude, from_weight=from_weight, dtype=dtype, layer_seeds=layer_seeds,
+        adapter_name=adapter_name, **cfg
     ).apply()
 
 
@@ -417,99 +454,18 @@ def adapted_layers(model: nn.Module) -> dict[str, AdaptedLinear]:
     return {n: m for n, m in unwrap_model(model).named_modules() if isinstance(m, AdaptedLinear)}
 
 
-def _require_layers(model: nn.Module) -> dict[str, AdaptedLinear]:
-    layers = adapted_layers(model)
-    if not layers:
-        raise ValueError("model has no adapted layer; call inject() first")
-    return layers
+def _remember_flags(model: nn.Module) -> None:
+    """Before the first injection changes anything, record every parameter's ``requires_grad``, so that
+    :func:`~lowrank_theory.training.unload` / :func:`~lowrank_theory.training.merge_and_unload` give the
+    unadapted model back with the flags it had."""
+    if getattr(model, ORIGINAL_FLAGS_ATTR, None) is None:
+        object.__setattr__(model, ORIGINAL_FLAGS_ATTR, [(p, p.requires_grad) for p in model.parameters()])
 
 
 def freeze_non_adapter(model: nn.Module) -> None:
-    """``requires_grad=False`` on every parameter that is not inside an adapter."""
-    keep = {id(p) for layer in adapted_layers(model).values() for p in layer.adapter.parameters()}
+    """``requires_grad=False`` on every parameter that is not inside an adapter (any adapter, active or not)."""
+    keep = {id(p) for layer in adapted_layers(model).values() for ad in layer.adapters.values()
+            for p in ad.parameters()}
     for p in model.parameters():
         if id(p) not in keep:
             p.requires_grad_(False)
-
-
-def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters with ``requires_grad`` (each shared tensor once), for an optimizer."""
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def merge(model: nn.Module, *, safe: bool = True) -> nn.Module:
-    """Fold the active adapters of every adapted layer into its base weight; return ``model``.
-
-    Parameters
-    ----------
-    model : nn.Module
-    safe : bool, default True
-        First compute every layer's merged weight and check it is finite (then discard it), and only
-        then write any: a non-finite update in one layer raises ``ValueError`` naming it and leaves the
-        whole model bit-identical.  This costs one extra evaluation of each ΔW and no extra memory
-        beyond one layer's weight.  ``safe=False`` writes layer by layer without checking.
-
-    Notes
-    -----
-    Each layer's merge computes ΔW and the sum in float32 or better and rounds once
-    (:meth:`~lowrank_theory.adapters.Adapter.merged_weight`).
-    """
-    layers = _require_layers(model)
-    if safe:
-        for name, layer in layers.items():
-            if not layer.merged:
-                w, b = layer.merged_weights()
-                bad = [k for k, t in (("weight", w), ("bias", b))
-                       if t is not None and not bool(torch.isfinite(t).all())]
-                if bad:
-                    raise ValueError(
-                        f"merging layer {name!r} gives a non-finite {' and '.join(bad)} (NaN/Inf in its adapter or an "
-                        f"overflow of {w.dtype}); no layer was changed"
-                    )
-                del w, b
-    for layer in layers.values():
-        layer.merge(safe=False)
-    return model
-
-
-def unmerge(model: nn.Module) -> nn.Module:
-    """Undo :func:`merge` on every adapted layer; return ``model``."""
-    for layer in _require_layers(model).values():
-        layer.unmerge()
-    return model
-
-
-@contextmanager
-def disable(model: nn.Module) -> Iterator[nn.Module]:
-    """Context manager: every adapted layer computes its base output only (restored on exit)."""
-    layers = list(_require_layers(model).values())
-    prev = [layer.disabled for layer in layers]
-    for layer in layers:
-        layer.disabled = True
-    try:
-        yield model
-    finally:
-        for layer, p in zip(layers, prev, strict=True):
-            layer.disabled = p
-
-
-def summary(model: nn.Module) -> str:
-    """A table of the adapted layers (name, method, shape, trainable) and the totals.
-
-    The total counts each shared tensor once (``model.parameters()`` deduplicates), so with a
-    model-wide vector (Uni-LoRA) the per-layer counts add up to more than the total.
-    """
-    layers = _require_layers(model)
-    rows = [("layer", "method", "shape", "trainable")]
-    for n, layer in layers.items():
-        ad = layer.adapter
-        rows.append((n, type(ad).name, f"{ad.d_out}x{ad.d_in}", f"{ad.num_trainable:,}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
-    adapter_ids = {id(p) for layer in layers.values() for p in layer.adapter.parameters()}
-    params = list(model.parameters())
-    base = sum(p.numel() for p in params if id(p) not in adapter_ids)
-    trainable = sum(p.numel() for p in params if p.requires_grad)
-    pct = 100.0 * trainable / base if base else float("inf")
-    lines.append(f"trainable: {trainable:,} of {base:,} base parameters ({pct:.4f}%) in {len(layers)} adapted layers")
-    return "\n".join(lines)

@@ -13,7 +13,7 @@ A checkpoint (never pickle) holds
 * ``trainer_state.json`` -- the step, early-stopping state, world size and config.
 
 :func:`load_trainer_checkpoint` reads and checks every file -- each parses and is finite; the step
-and counters are integers; the adapters against the model (:func:`~lowrank_theory.training.checkpoint.plan_load`);
+and counters are integers; the adapters against the model (:func:`~lowrank_theory.training.checkpoint_load.plan_load`);
 the trainable tensors' names, shapes and dtypes; the optimizer against the one this run builds
 (class, number and size of the param groups, their keys, every state tensor's shape); the
 callbacks' entries; the RNG states (a throw-away generator accepts them) -- before it changes
@@ -38,7 +38,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from .checkpoint import plan_load, read_json, read_safetensors, save_adapters
+from .checkpoint import read_json, read_safetensors, save_adapters
+from .checkpoint_load import plan_load
 from .fsdp import full_tensor, is_sharded, shard_like
 from .injection import adapted_layers
 from .train_config import optimizer_from_safetensors, optimizer_to_safetensors

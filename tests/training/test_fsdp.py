@@ -239,12 +239,12 @@ def test_fsdp_two_processes_match_one_process(tmp_path, capsys):
             moved = _max_diff(a, _adapters_at_init(spec["method"], tmp_path / "init" / name))
             assert moved > 1e-3, name  # the runs really trained
     # what was kept whole, and why: Uni-LoRA's shared vector, AdaLoRA's changing tensors
-    assert report["unilora"]["whole_trainable"] == ["h.0.attn.c_proj.adapter.shared.theta_d"]
-    assert all(".adapter." in n for n in report["adalora"]["whole_trainable"])
-    assert not any(".adapter." in n for n in report["adalora"]["sharded"])
+    assert report["unilora"]["whole_trainable"] == ["h.0.attn.c_proj.adapters.default.shared.theta_d"]
+    assert all(".adapters." in n for n in report["adalora"]["whole_trainable"])
+    assert not any(".adapters." in n for n in report["adalora"]["sharded"])
     for m in ("lora", "dora", "vera", "loca", "fourierft", "randlora"):
         assert report[m]["whole_trainable"] == [], m
-        assert any(".adapter." in n for n in report[m]["sharded"]), m
+        assert any(".adapters." in n for n in report[m]["sharded"]), m
     assert report["adalora_resumed_saved_ranks"] != [4] * len(TARGETS)  # resumed across a rank change
     assert "changed from shape (2, 256) to (1, 256)" in report["errors"]["reshaped"]
     assert "was replaced after shard_model" in report["errors"]["replaced"]

@@ -129,7 +129,7 @@ def test_errors_name_the_problem(minilm):
         inject(minilm, "lora", targets=3, rank=2)
     assert_unchanged(minilm, snap)
     inject(minilm, "lora", targets="query", rank=2)
-    with pytest.raises(ValueError, match="already adapted"):
+    with pytest.raises(ValueError, match="already holds an adapter named 'default'"):
         inject(minilm, "lora", targets=r"re:.*\.0\.attention\.self\.query", rank=2)
     # modules inside an AdaptedLinear are not candidates: ".base" is not targetable
     with pytest.raises(ValueError, match="matched no module"):
@@ -189,7 +189,7 @@ def test_summary_counts(minilm, minilm_base):
     inject(minilm, "lora", targets=["query", "key"], rank=4)
     text = summary(minilm)
     for name in find_targets(minilm_base, ["query", "key"]):
-        assert re.search(rf"^{re.escape(name)}\s+lora\s+384x384\s+3,072$", text, re.M)
+        assert re.search(rf"^{re.escape(name)}\s+default\s+lora\s+384x384\s+3,072\s+active$", text, re.M)
     total = 12 * 4 * (384 + 384)
     assert f"trainable: {total:,} of {n_base:,} base parameters ({100 * total / n_base:.4f}%)" in text
     rec = getattr(minilm, CONFIG_ATTR)
