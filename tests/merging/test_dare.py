@@ -12,7 +12,7 @@ import pytest
 import scipy.optimize
 import torch
 
-from lowrank_theory.adapters.delta_ops import dare, dare_keep_mask, dare_merge, dare_optimal_rescale
+from lowrank_theory.merging.dare import dare, dare_keep_mask, dare_merge, dare_optimal_rescale
 from lowrank_theory.linalg import derive_seed
 from tests.conftest import tol
 
