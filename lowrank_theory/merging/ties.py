@@ -104,11 +104,15 @@ def ties(task_vectors: Sequence[Any], weights: Sequence[float] | None, density: 
     3. disjoint mean over :math:`\mathcal A^p = \{t : \operatorname{sgn}\hat\tau_t^p = \gamma^p\}`:
        :math:`\tau_m^p = \frac{1}{|\mathcal A^p|}\sum_{t\in\mathcal A^p} w_t \hat\tau_t^p`.
 
-    With equal weights :math:`w_t = \lambda` this is the paper's :math:`\lambda\,\tau_m`.  For unequal
+    With equal weights :math:`w_t = \lambda` this is the paper's :math:`\lambda\,\tau_m`.  The trim keeps
+    :math:`\lfloor\rho D\rfloor` entries, as the paper's "top-k %" and PEFT do; the TIES code base's
+    ``topk_values_mask`` (``kthvalue`` then ``>=``; we read the copy in the PCB authors' repository,
+    ``nlp_source_code/utils/merge_utils.py``) keeps one more.  For unequal
     weights we follow PEFT's ``ties`` (``peft.utils.merge_utils``): the sign is elected on the
     *unweighted* trimmed vectors and the weighted agreeing entries are divided by their *count*.
-    (mergekit differs: it elects on the weighted vectors and divides by the sum of the agreeing
-    weights; the two coincide for equal weights.)  The trim ranks the entries of each array passed
+    (mergekit's ``generalized_task_arithmetic`` differs: it elects on the weighted vectors, divides by
+    the sum of the agreeing *weights* and multiplies by a global :math:`\lambda`; with equal weights that
+    is this function with ``weights = [λ] * T``.)  The trim ranks the entries of each array passed
     in; the TIES authors rank over the whole flattened model
     (:func:`~lowrank_theory.merging.state.merge_state_dicts` with ``scope="global"``), PEFT per layer.
 
