@@ -42,20 +42,17 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..backend import device_of, namespace
-from ._validate import check_task_vectors, check_weights, to_output, working
+from ._validate import check_density, check_task_vectors, check_weights, to_output, working
 
 __all__ = ["pcb"]
 
 
-def _ratio(value: Any, name: str, lo_open: bool, lo: float, hi: float, hi_open: bool) -> float:
+def _clip_ratio(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    v = float(value)
-    ok_lo = v > lo if lo_open else v >= lo
-    ok_hi = v < hi if hi_open else v <= hi
-    if not (ok_lo and ok_hi):
-        raise ValueError(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}, got {v}")
-    return v
+        raise TypeError(f"clip_ratio must be a real number in [0, 0.5), got {type(value).__name__}")
+    if not 0.0 <= float(value) < 0.5:
+        raise ValueError(f"clip_ratio must be in [0, 0.5), got {value}")
+    return float(value)
 
 
 def _minmax(xp, x):
@@ -117,8 +114,8 @@ def pcb(task_vectors: Sequence[Any], weights: Sequence[float] | None = None, rat
     """
     tvs = check_task_vectors(task_vectors)
     ws = check_weights(weights, len(tvs))
-    r = _ratio(ratio, "ratio", True, 0.0, 1.0, False)
-    c = _ratio(clip_ratio, "clip_ratio", False, 0.0, 0.5, True)
+    r = check_density(ratio, "ratio")
+    c = _clip_ratio(clip_ratio)
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not float(eps) > 0:
         raise ValueError(f"eps must be a positive real number, got {eps!r}")
     shape = tuple(tvs[0].shape)
