@@ -192,3 +192,20 @@ def test_half_precision_is_summed_in_float32():
         running = running + t * 0.37  # what a bf16 accumulation would give: further from the float32 sum
     exact = task_arithmetic([t.double() for t in tvs], [0.37] * 8)
     assert (out.double() - exact).abs().sum() < (running.double() - exact).abs().sum()
+
+
+@pytest.mark.parametrize("name", ["task_arithmetic", "ties", "magnitude_prune", "dare_linear", "dare_ties", "pcb"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_every_merge_computes_half_precision_in_float32(name, dtype):
+    """A half-precision merge is the float32 merge of the same (half) values, rounded once to the half dtype."""
+    f = {"task_arithmetic": lambda t: task_arithmetic(t, [0.3, 0.7, 1.1]),
+         "ties": lambda t: ties(t, [0.3, 0.7, 1.1], 0.3),
+         "magnitude_prune": lambda t: magnitude_prune(t, [0.3, 0.7, 1.1], 0.3),
+         "dare_linear": lambda t: dare_linear(t, [0.3, 0.7, 1.1], 0.3, seed=4),
+         "dare_ties": lambda t: dare_ties(t, [0.3, 0.7, 1.1], 0.3, seed=4),
+         "pcb": lambda t: pcb(t, [0.3, 0.7, 1.1], 0.3)}[name]
+    g = torch.Generator().manual_seed(1)
+    tvs = [torch.randn(16, 12, generator=g).to(dtype) for _ in range(3)]
+    out = f(tvs)
+    assert out.dtype == dtype
+    assert torch.equal(out, f([t.float() for t in tvs]).to(dtype))
