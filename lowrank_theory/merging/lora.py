@@ -27,11 +27,11 @@ from typing import Any
 
 from ..linalg import derive_seed, truncated_svd
 from ._validate import check_density, check_seed, check_weights, to_output, working
-from .dare import dare_linear, dare_ties
+from .arithmetic import task_arithmetic
+from .drop_and_rescale import dare_linear, dare_ties
 from .factored import cat, check_factors, svd
-from .linear import task_arithmetic
 from .prune import magnitude_prune
-from .ties import ties
+from .ties_merging import ties
 
 __all__ = ["COMBINATION_TYPES", "combine_lora"]
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..backend import namespace
 from ._validate import check_array, check_density, check_task_vectors, check_weights, to_output, working
-from .linear import weighted_sum
+from .arithmetic import weighted_sum
 
 __all__ = ["keep_count", "magnitude_prune", "trim"]
 

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from lowrank_theory.merging import m2n2, niche_fitness
-from lowrank_theory.merging.m2n2 import _attraction, _crossover
+from lowrank_theory.merging.natural_niches import _attraction, _crossover
 from tests.conftest import tol
 
 F64 = tol(torch.float64)

@@ -1,7 +1,7 @@
 r"""TIES-Merging: trim, elect sign, disjoint mean (Yadav et al. 2023), with PEFT's weighting.
 
 Sign election and the disjoint mean are also DARE-TIES's last two steps
-(:func:`~lowrank_theory.merging.dare.dare_ties`), which calls :func:`elect_and_merge` here.
+(:func:`~lowrank_theory.merging.drop_and_rescale.dare_ties`), which calls :func:`elect_and_merge` here.
 """
 
 from __future__ import annotations

@@ -22,8 +22,8 @@ from array_api_compat import is_torch_array
 from ..backend import check_finite, check_float_array, from_numpy_like, namespace, to_numpy
 from ..linalg import derive_seed
 from ._validate import check_density, check_seed, check_task_vectors, check_weights, to_output, working
-from .linear import weighted_sum
-from .ties import SIGN_METHODS, elect_and_merge
+from .arithmetic import weighted_sum
+from .ties_merging import SIGN_METHODS, elect_and_merge
 
 __all__ = ["dare", "dare_keep_mask", "dare_linear", "dare_merge", "dare_optimal_rescale", "dare_ties"]
 
@@ -343,12 +343,12 @@ def dare_ties(task_vectors: Sequence[Any], weights: Sequence[float] | None, dens
     seed : int, optional
         As in :func:`dare_linear` (the same masks for the same seed).
     majority_sign_method : {"total", "frequency"}
-        See :func:`~lowrank_theory.merging.ties.elect_sign`.
+        See :func:`~lowrank_theory.merging.ties_merging.elect_sign`.
 
     Returns
     -------
     array, shape ``S``
-        :func:`~lowrank_theory.merging.ties.elect_and_merge` of the DARE'd task vectors.
+        :func:`~lowrank_theory.merging.ties_merging.elect_and_merge` of the DARE'd task vectors.
 
     Raises
     ------
