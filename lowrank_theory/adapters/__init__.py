@@ -31,7 +31,6 @@ _FAMILIES = (
     "sparse",
     "quantized",
     "multiplicative",
-    "delta_ops",
 )
 for _fam in _FAMILIES:
     importlib.import_module(f"{__name__}.{_fam}")

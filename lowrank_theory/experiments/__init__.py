@@ -48,6 +48,7 @@ EXPERIMENTS = {
     "init_from_update": ".init_from_update",
     "lr_sensitivity": ".lr_sensitivity",
     "rank_allocation": ".rank_allocation",
+    "merging": ".merging",
 }
 
 

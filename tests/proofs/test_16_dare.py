@@ -15,7 +15,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lowrank_theory.adapters.delta_ops import dare, dare_keep_mask
+from lowrank_theory.merging.drop_and_rescale import dare, dare_keep_mask
 
 N_DRAWS = 4000
 # Monte-Carlo tolerance: 5 standard errors.  Each test below checks at most a few hundred z-scores; the

@@ -12,8 +12,8 @@ import pytest
 import scipy.optimize
 import torch
 
-from lowrank_theory.adapters.delta_ops import dare, dare_keep_mask, dare_merge, dare_optimal_rescale
 from lowrank_theory.linalg import derive_seed
+from lowrank_theory.merging.drop_and_rescale import dare, dare_keep_mask, dare_merge, dare_optimal_rescale
 from tests.conftest import tol
 
 N_SEEDS = 3000

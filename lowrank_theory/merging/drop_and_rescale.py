@@ -1,8 +1,13 @@
-r"""Operations on weight deltas :math:`\Delta = W_{\text{ft}} - W_0`: DARE / DAREx and DARE merging.
+r"""DARE (drop and rescale) on weight deltas :math:`\Delta = W_{\text{ft}} - W_0`: DARE / DAREx, and the
+DARE merges (DARE-linear, DARE-TIES).
 
 Pure functions on any array backend (NumPy, torch, CuPy): the random mask is drawn on the host
 with ``numpy.random.default_rng(seed)`` and moved to the delta's backend, device and dtype, so one
 seed gives one mask everywhere.  Torch deltas keep their autograd graph.
+
+Two parametrizations meet here: :func:`dare` and :func:`dare_merge` take the DARE paper's drop
+probability :math:`p`; the merges :func:`dare_linear` and :func:`dare_ties` take PEFT's *density*
+:math:`\rho = 1 - p` (the fraction kept), like every other pruning merge of this package.
 """
 
 from __future__ import annotations
@@ -16,8 +21,11 @@ from array_api_compat import is_torch_array
 
 from ..backend import check_finite, check_float_array, from_numpy_like, namespace, to_numpy
 from ..linalg import derive_seed
+from ._validate import check_density, check_seed, check_task_vectors, check_weights, to_output, working
+from .arithmetic import weighted_sum
+from .ties_merging import SIGN_METHODS, elect_and_merge
 
-__all__ = ["dare", "dare_keep_mask", "dare_merge", "dare_optimal_rescale"]
+__all__ = ["dare", "dare_keep_mask", "dare_linear", "dare_merge", "dare_optimal_rescale", "dare_ties"]
 
 
 def _check_p(p: Any, name: str = "p") -> float:
@@ -267,3 +275,101 @@ def dare_merge(
     return {
         key: merge_tensor(b, [(i, d[key]) for i, d in enumerate(deltas) if key in d], key) for key, b in base.items()
     }
+
+
+# ----------------------------------------------------------------------------- DARE merges
+def _dropped(tvs: list, density: float, seed: int | None) -> list:
+    """Each task vector through DARE at drop probability 1 - density; task t's mask from ``derive_seed(seed, t)``."""
+    p = 1.0 - density
+    return [dare(working(t), p, seed=None if seed is None else derive_seed(seed, i)) for i, t in enumerate(tvs)]
+
+
+def dare_linear(task_vectors: Sequence[Any], weights: Sequence[float] | None, density: float, *,
+                seed: int | None = None):
+    r"""DARE-linear: drop and rescale each task vector, then task arithmetic.
+
+    Parameters
+    ----------
+    task_vectors : sequence of arrays, each of shape ``S``
+        :math:`\tau_1, \dots, \tau_T` of one backend and dtype.
+    weights : sequence of float or None
+        :math:`w_t` (``None``: 1 each).
+    density : float in (0, 1]
+        :math:`\rho`, the keep probability of each entry (DARE's drop rate is :math:`p = 1 - \rho`).
+    seed : int, optional
+        Root seed; task vector t draws its mask from ``derive_seed(seed, t)`` (independent across
+        task vectors, reproducible).  ``None``: fresh entropy.
+
+    Returns
+    -------
+    array, shape ``S``
+        :math:`\sum_t w_t\,\rho^{-1}\,m_t \odot \tau_t` with :math:`m_t` i.i.d. Bernoulli(:math:`\rho`),
+        in the inputs' dtype (half precision computed in float32).
+
+    Raises
+    ------
+    TypeError, ValueError
+        On bad task vectors, weights, density or seed.
+
+    Notes
+    -----
+    Unbiased: :math:`\mathbb E\,\tau_m = \sum_t w_t\tau_t` (``proofs/16-dare-unbiased.md``).  PEFT's
+    ``dare_linear`` draws its masks with ``torch.bernoulli`` (global torch generator), so the two agree in
+    distribution, not draw by draw.  ``dare_linear(tvs, w, 1 - p, seed=s)`` added to a base equals
+    :func:`dare_merge` ``(base, tvs, w, p, seed=s)`` up to the order of the additions (the same child
+    seeds, so the same masks).
+
+    References
+    ----------
+    L. Yu, B. Yu, H. Yu, F. Huang, Y. Li, "Language Models are Super Mario: Absorbing Abilities from
+    Homologous Models as a Free Lunch", ICML 2024, arXiv:2311.03099.
+    """
+    tvs = check_task_vectors(task_vectors)
+    ws = check_weights(weights, len(tvs))
+    rho = check_density(density)
+    return to_output(weighted_sum(_dropped(tvs, rho, check_seed(seed)), ws), tvs[0])
+
+
+def dare_ties(task_vectors: Sequence[Any], weights: Sequence[float] | None, density: float, *,
+              seed: int | None = None, majority_sign_method: str = "total"):
+    r"""DARE-TIES: DARE's random drop and rescale in place of TIES's trim, then sign election and disjoint mean.
+
+    Parameters
+    ----------
+    task_vectors : sequence of arrays, each of shape ``S``
+    weights : sequence of float or None
+    density : float in (0, 1]
+        Keep probability :math:`\rho` of each entry.
+    seed : int, optional
+        As in :func:`dare_linear` (the same masks for the same seed).
+    majority_sign_method : {"total", "frequency"}
+        See :func:`~lowrank_theory.merging.ties_merging.elect_sign`.
+
+    Returns
+    -------
+    array, shape ``S``
+        :func:`~lowrank_theory.merging.ties_merging.elect_and_merge` of the DARE'd task vectors.
+
+    Raises
+    ------
+    TypeError, ValueError
+        On bad task vectors, weights, density, seed or sign method.
+
+    Notes
+    -----
+    PEFT's ``dare_ties`` (``peft.utils.merge_utils``): ``prune(..., "random", rescale=True)``, sign
+    election on the unweighted pruned vectors, disjoint mean of the weighted ones.  Sign election and
+    the division by the agreeing count make it biased (unlike :func:`dare_linear`): an entry's
+    expected value is not :math:`\sum_t w_t \tau_t`.
+
+    References
+    ----------
+    L. Yu et al., arXiv:2311.03099 (DARE as a plug-in before TIES, their §4); P. Yadav et al.,
+    arXiv:2306.01708 (TIES).
+    """
+    tvs = check_task_vectors(task_vectors)
+    ws = check_weights(weights, len(tvs))
+    rho = check_density(density)
+    if majority_sign_method not in SIGN_METHODS:
+        raise ValueError(f"majority_sign_method must be one of {SIGN_METHODS}, got {majority_sign_method!r}")
+    return to_output(elect_and_merge(_dropped(tvs, rho, check_seed(seed)), ws, majority_sign_method), tvs[0])
