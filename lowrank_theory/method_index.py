@@ -207,9 +207,6 @@ INDEX: dict[str, MethodEntry] = {e.name: e for e in (
                 tests=("tests/training/test_optim.py",), extra={"impl": "lowrank_theory.training.optim.ALLoRA"}),
 )}
 
-#: what PEFT's LoRA format (``training.peft_format``) can hold
-PEFT_EXPORT = ("lora", "dora")
-
 
 def names(kind: str | None = None) -> list[str]:
     """Indexed names (of one ``kind``: ``"adapter"``, ``"method"``, ``"rule"``), in index order."""
@@ -329,9 +326,12 @@ def _export_text(name: str, e: MethodEntry) -> str:
     if e.kind == "rule":
         return "-"
     base = name if e.kind == "adapter" else e.extra["adapter"]
+    from .training.peft_format import PEFT_METHODS
+
     ours = "our checkpoint format (training.checkpoint: safetensors + JSON)"
-    if base in PEFT_EXPORT and e.kind == "adapter":
-        return f"{ours}; PEFT's LoRA format (training.peft_format.export_peft / import_peft)"
+    peft_type = next((t for t, m in PEFT_METHODS.items() if base in m.methods), None)
+    if peft_type is not None and e.kind == "adapter":
+        return f"{ours}; PEFT's format, peft_type {peft_type} (training.peft_format.export_peft / import_peft)"
     return ours + "; not PEFT's format"
 
 

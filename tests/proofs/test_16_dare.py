@@ -76,9 +76,11 @@ def test_library_support_mean_and_variance(seed, p, shape):
     var = p / (1 - p) * delta**2
     se_mean = np.sqrt(var / N_DRAWS)
     assert np.all(np.abs(D.mean(axis=0) - delta) <= Z_MAX * se_mean)  # unbiased
-    # sample variance against p/(1−p)x²; its standard error from the exact 4th central moment
+    # sample variance against p/(1−p)x²; its standard error from the exact 4th central moment and the exact
+    # variance of an unbiased sample variance, (μ4 − σ⁴ (N−3)/(N−1)) / N (at p = 1/2 the leading term μ4 − σ⁴
+    # vanishes -- a symmetric two-point law -- and only the (N−1)-correction is left)
     mu4 = (1 - p) * ((c - 1) * delta) ** 4 + p * delta**4
-    se_var = np.sqrt((mu4 - var**2) / N_DRAWS)
+    se_var = np.sqrt((mu4 - var**2 * (N_DRAWS - 3) / (N_DRAWS - 1)) / N_DRAWS)
     assert np.all(np.abs(D.var(axis=0, ddof=1) - var) <= Z_MAX * se_var + 1e-12)
     # the fraction of kept entries is Binomial(N, 1 − p)
     frac = kept.mean()
