@@ -48,6 +48,7 @@ from .adapter_ops import (
 )
 from .checkpoint import save_adapters
 from .checkpoint_load import load_adapters, plan_load
+from .combine import combine_adapters
 from .data import (
     ByteTokenizer,
     TextDataset,
@@ -94,6 +95,7 @@ __all__ = [
     "adapted_layers",
     "adapter_names",
     "classification_task",
+    "combine_adapters",
     "delete_adapter",
     "disable",
     "docstring_dataset",
