@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -137,7 +138,7 @@ class Param:
         if kind == "bool":
             if isinstance(value, bool):
                 return value
-            if type(value).__name__ == "bool_":  # numpy.bool_
+            if isinstance(value, np.bool_):
                 return bool(value)
             raise TypeError(f"{name} must be a bool, got {_type_name(value)} {value!r}")
         if kind == "seed":
