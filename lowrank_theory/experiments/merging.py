@@ -309,7 +309,8 @@ def evidence(rows: list[dict]) -> list[Evidence]:
 
     n_bad = sum(bad(r["merge_accuracy"], False) or bad(r["test_accuracy"], r["selected"]) for r in acc)
     out.append(Evidence("accuracies are probabilities", "all rows", n_bad, "==", 0,
-                        quantity="accuracies outside [0, 1]", against="0", message=f"{n_bad} accuracies outside [0, 1]"))
+                        quantity="accuracies outside [0, 1]", against="0",
+                        message=f"{n_bad} accuracies outside [0, 1]"))
     for seed in sorted({r["seed"] for r in acc}):
         sel = [r for r in acc if r["seed"] == seed]
         for t in sorted({r["task"] for r in sel} - {"mean"}):
