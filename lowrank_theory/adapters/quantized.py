@@ -65,8 +65,8 @@ class LQLoRA(LoRA):
     the packing reproduces ``Q`` bit for bit in float32/float64), so the factors correct exactly the
     quantization error of the stored base; with ``quantize_base="int8"`` use ``quantizer="uniform",
     bits=8``.  ``identity_at_init`` is False: after :meth:`from_weight`, :math:`\Delta W = L_1L_2 \ne 0`
-    (the *layer* is unchanged up to :math:`E`).  Not done: the paper's Fisher-weighted decomposition and its mixed-precision
-    (ILP) bit allocation.  Trainable: :math:`r(m+n)`.
+    (the *layer* is unchanged up to :math:`E`).  Not done: the paper's Fisher-weighted decomposition and
+    its mixed-precision (ILP) bit allocation.  Trainable: :math:`r(m+n)`.
 
     References
     ----------
