@@ -426,3 +426,22 @@ def _perturb_float(model: nn.Module) -> None:
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn(p.shape, generator=g).to(p.dtype))
+
+
+# ============================================================================ CUDA
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_quantized_base_on_cuda(scheme):
+    """Packing on the device gives the host's codes; a bf16 LoRA step over the packed base trains the adapter."""
+    lin = seeded_linear(96, 64, torch.float32)
+    host = QuantizedLinear.from_linear(lin, scheme=scheme)
+    dev = QuantizedLinear.from_linear(lin.cuda(), scheme=scheme)
+    assert torch.equal(dev.codes.cpu(), host.codes) and torch.equal(dev.absmax.cpu(), host.absmax)
+    assert torch.equal(dev.dequantize().cpu(), host.dequantize())
+    layer = AdaptedLinear(dev.to(torch.bfloat16), adapters.create("lora", 96, 64, rank=4).cuda().to(torch.bfloat16))
+    assert layer.base.absmax.dtype == torch.float32 and layer.base.codes.is_cuda
+    x = torch.randn(8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    layer(x).float().pow(2).sum().backward()
+    assert layer.adapter.B.grad is not None and bool(layer.adapter.B.grad.abs().sum() > 0)
+    assert x.grad.is_cuda and bool(torch.isfinite(x.grad).all())
