@@ -322,6 +322,8 @@ class QWHA(Adapter):
     """
 
     name = "qwha"
+    #: The base weight from_weight returns is already quantized (inject packs it without a second rounding).
+    quantizes_base = True
     params = schema(
         n_frequency=Int(1, doc="c, the number of trained Walsh-Hadamard coefficients"),
         scale=Float(doc="s, the scale of the update"),
@@ -427,7 +429,9 @@ class QWHA(Adapter):
         adapter : QWHA
             On ``W``'s device and dtype.
         base : Tensor, shape (m, n)
-            :math:`Q(W_0)`, the new frozen weight.
+            :math:`Q(W_0)`, the new frozen weight (dequantized values; ``inject(..., quantize_base="nf4")``
+            stores it packed as a :class:`~lowrank_theory.adapters.quantized_base.QuantizedLinear`,
+            the same codes, so E is exactly the stored base's error).
 
         Raises
         ------

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -27,8 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Adapter, check_input, working_dtype
+from .quantized_base import QuantizationError, QuantizedLinear
 
 __all__ = ["DEFAULT_ADAPTER", "AdaptedLinear", "AdapterHost"]
+
+logger = logging.getLogger(__name__)
 
 #: The name of an adapter added without one.
 DEFAULT_ADAPTER = "default"
@@ -407,17 +411,34 @@ class AdaptedLinear(AdapterHost):
     metadata only.  NaN/Inf values in ``x`` propagate, as through ``nn.Linear``.  An adapter held in
     another dtype than the base (``inject(..., dtype=torch.float32)`` on a bf16 model) gets ``x`` in its
     own dtype and its update is cast back to the base output's dtype.
+
+    **Quantized base.**  Over a :class:`~lowrank_theory.adapters.quantized_base.QuantizedLinear` (packed
+    NF4/int8, the only stored copy of W0) each forward dequantizes W0 once into a transient tensor, used
+    for the base product and by adapters that read W0 (DoRA, SSF, HUT, ...); the fused single-node paths
+    are not taken (they would keep that tensor alive until backward).  ``merge()`` is refused
+    (``ValueError``, nothing written): folding ΔW into packed codes needs a lossy requantization.
+    ``merge(requantize=True)`` does it -- dequantize, merge in float32, requantize -- and returns the
+    :class:`~lowrank_theory.adapters.quantized_base.QuantizationError` of the requantized merged weight
+    (also logged); ``unmerge()`` and the disabled output are then refused, since W0 is not recoverable.
     """
 
     def __init__(self, base: nn.Module, adapter: Adapter | None = None, *, adapter_name: str = DEFAULT_ADAPTER) -> None:
         super().__init__()
         self.conv1d = _is_hf_conv1d(base)
-        if not (isinstance(base, nn.Linear) or self.conv1d):
-            raise TypeError(f"base must be nn.Linear or transformers Conv1D, got {type(base).__name__}")
+        self.quantized = isinstance(base, QuantizedLinear)
+        if not (isinstance(base, nn.Linear) or self.conv1d or self.quantized):
+            raise TypeError(
+                f"base must be nn.Linear, transformers Conv1D or QuantizedLinear, got {type(base).__name__}"
+            )
         if adapter is not None and not isinstance(adapter, Adapter):
             raise TypeError(f"adapter must be an Adapter, got {type(adapter).__name__}")
-        w = base.weight
-        self.d_out, self.d_in = (w.shape[1], w.shape[0]) if self.conv1d else (w.shape[0], w.shape[1])
+        if self.quantized:
+            self.d_out, self.d_in = base.shape
+        else:
+            w = base.weight
+            self.d_out, self.d_in = (w.shape[1], w.shape[0]) if self.conv1d else (w.shape[0], w.shape[1])
+        #: The requantization error of a ``merge(requantize=True)`` (None until one happened).
+        self.requantization_error: QuantizationError | None = None
         self._init_host(base, adapter, adapter_name)
 
     def _check_adapter(self, adapter: Adapter) -> None:
@@ -429,28 +450,91 @@ class AdaptedLinear(AdapterHost):
             )
 
     def _base_weight(self) -> torch.Tensor:
+        if self.quantized:
+            return self.base.dequantize()
         w = self.base.weight
         return w.T if self.conv1d else w
 
     def _write_base_weight(self, w: torch.Tensor) -> None:
+        if self.quantized:  # reached only through merge(requantize=True)
+            self.requantization_error = self.base.requantize_(w)
+            return
         self.base.weight.copy_(w.T if self.conv1d else w)
+
+    # ------------------------------------------------------------------ quantized base: merge policy
+    def _pending_merge(self) -> list[str]:
+        return [n for n in self._active if n not in self._merged]
+
+    def merge(self, *, safe: bool = True, requantize: bool = False) -> QuantizationError | None:
+        r"""Fold the active adapters into the base (see :meth:`AdapterHost.merge`).
+
+        Parameters
+        ----------
+        safe : bool, default True
+            As :meth:`AdapterHost.merge`.
+        requantize : bool, default False
+            Required for a quantized base: dequantize, merge in float32 (rounded once to the compute
+            dtype), quantize the merged weight again.  Lossy, so :meth:`unmerge` is refused afterwards.
+
+        Returns
+        -------
+        QuantizationError or None
+            For a requantizing merge, :math:`W' - \operatorname{dequant}(\operatorname{quant}(W'))` of the
+            merged weight :math:`W'`; None otherwise.
+
+        Raises
+        ------
+        ValueError
+            A quantized base without ``requantize=True`` (nothing is written), ``requantize=True`` on a
+            float base, or a non-finite merge (``safe``).
+        """
+        if requantize and not self.quantized:
+            raise ValueError("requantize=True applies to a quantized base only; this layer's base is "
+                             f"{type(self.base).__name__}")
+        if self.quantized and self._pending_merge():
+            if not requantize:
+                raise ValueError(
+                    f"cannot merge into a quantized ({self.base.scheme}) base: the packed weight cannot hold "
+                    "W0 + ΔW exactly, so merging needs a lossy requantization that unmerge() cannot undo. "
+                    "Use merge(requantize=True) to accept that (the error is returned); the layer is unchanged"
+                )
+            super().merge(safe=safe)
+            err = self.requantization_error
+            logger.info("merged %s into a quantized %s base with requantization: error %s",
+                        self._merged, self.base.scheme, err)
+            return err
+        super().merge(safe=safe)
+        return None
+
+    def _refuse_requantized(self, what: str) -> None:
+        if self.quantized and self._merged:
+            raise ValueError(f"{what}: adapters {self._merged} were merged into the quantized base by requantizing, "
+                             "which is not invertible (W0 is not recoverable); reload the base to undo")
+
+    def unmerge(self) -> None:
+        self._refuse_requantized("cannot unmerge")
+        super().unmerge()
+
+    def base_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self._refuse_requantized("cannot recover the base weights (or give the disabled output)")
+        return super().base_weights()
 
     def _base_functional(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, w, b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.d_in, self._base_weight().dtype)
+        check_input(x, self.d_in, self.base.compute_dtype if self.quantized else self._base_weight().dtype)
         if self.disabled:
             return self._disabled_output(x)
         if self._merged or not self._active or x.numel() == 0:
             return self.base(x)
         W, b = self._base_weight(), self.bias
-        if len(self._active) == 1:
+        if len(self._active) == 1 and not self.quantized:
             ad = self.adapters[self._active[0]]
             fused = ad.fused_output(x, W, b)
             if fused is not None:
                 return fused
-        out = self.base(x)
+        out = self.base(x, W) if self.quantized else self.base(x)
         for ad in self._active_list():
             dt = self._adapter_dtype(ad)
             xa = x if dt is None or dt == x.dtype or torch.is_autocast_enabled(x.device.type) else x.to(dt)

@@ -183,8 +183,9 @@ class DoRA(Adapter):
         graph fuses the recomputation into the conversion it does anyway), and in a shape-only run
         (a fake tensor must not be cached for later real calls).
         """
-        if W0.requires_grad or torch.compiler.is_compiling() or backend.fake_mode_active():
-            return None
+        stored = isinstance(W0, nn.Parameter) or isinstance(W0._base, nn.Parameter)
+        if not stored or W0.requires_grad or torch.compiler.is_compiling() or backend.fake_mode_active():
+            return None  # a transient W0 (dequantized from a packed base) may reuse a freed address
         key = (W0.data_ptr(), W0._version, tuple(W0.shape), W0.dtype, W0.device)
         cached = getattr(self, "_w0_sq_cache", None)
         if cached is None or cached[0] != key:

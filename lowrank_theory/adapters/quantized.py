@@ -59,11 +59,14 @@ class LQLoRA(LoRA):
     :math:`(Q + L_1L_2)x + b_0`, which differs from the original layer by
     :math:`\|E\|_F = \|W_0 - Q - L_1L_2\|_F` = ``decomposition_errors[-1]`` at most per unit input.
 
-    ``Q`` is held dequantized (a simulation of the quantized storage: the values are exactly the
-    code book times the block scales, but no packed format is produced).  ``identity_at_init`` is
-    False: after :meth:`from_weight`, :math:`\Delta W = L_1L_2 \ne 0` (the *layer* is unchanged up
-    to :math:`E`).  Not done: the paper's Fisher-weighted decomposition and its mixed-precision
-    (ILP) bit allocation.  Trainable: :math:`r(m+n)`.
+    :meth:`from_weight` returns ``Q`` dequantized (the values are exactly the code book times the block
+    scales).  ``inject(..., "lq_lora", quantize_base="nf4")`` stores it packed, as the
+    :class:`~lowrank_theory.adapters.quantized_base.QuantizedLinear` base of the layer (the same codes:
+    the packing reproduces ``Q`` bit for bit in float32/float64), so the factors correct exactly the
+    quantization error of the stored base; with ``quantize_base="int8"`` use ``quantizer="uniform",
+    bits=8``.  ``identity_at_init`` is False: after :meth:`from_weight`, :math:`\Delta W = L_1L_2 \ne 0`
+    (the *layer* is unchanged up to :math:`E`).  Not done: the paper's Fisher-weighted decomposition and
+    its mixed-precision (ILP) bit allocation.  Trainable: :math:`r(m+n)`.
 
     References
     ----------
@@ -73,6 +76,8 @@ class LQLoRA(LoRA):
 
     name = "lq_lora"
     identity_at_init = False
+    #: The base weight from_weight returns is already quantized (inject packs it without a second rounding).
+    quantizes_base = True
     params = schema(
         rank=Int(1),
         bits=Int(2, 8, doc="bits of the quantized part (4 for nf4)"),

@@ -120,7 +120,7 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
 
 
 # ============================================================================ merge / disable
-def merge(model: nn.Module, *, safe: bool = True) -> nn.Module:
+def merge(model: nn.Module, *, safe: bool = True, requantize: bool = False) -> nn.Module:
     """Fold the active adapters of every adapted layer into its base weight; return ``model``.
 
     Parameters
@@ -131,6 +131,10 @@ def merge(model: nn.Module, *, safe: bool = True) -> nn.Module:
         then write any: a non-finite update in one layer raises ``ValueError`` naming it and leaves the
         whole model bit-identical.  This costs one extra evaluation of each ΔW and no extra memory
         beyond one layer's weight.  ``safe=False`` writes layer by layer without checking.
+    requantize : bool, default False
+        Layers over a quantized (NF4/int8) base can merge only by requantizing (lossy, not undoable;
+        :meth:`~lowrank_theory.adapters.AdaptedLinear.merge`).  Without it a model holding such a layer
+        is refused before any layer changes; with it each such layer's ``requantization_error`` is set.
 
     Notes
     -----
@@ -138,6 +142,12 @@ def merge(model: nn.Module, *, safe: bool = True) -> nn.Module:
     (:meth:`~lowrank_theory.adapters.Adapter.merged_weight`).
     """
     layers = _require_layers(model)
+    packed = {n: layer.base.scheme for n, layer in layers.items() if getattr(layer, "quantized", False)
+              and not layer.merged and layer.active_adapters}
+    if packed and not requantize:
+        raise ValueError(f"layers {list(packed)[:3]} have a quantized ({', '.join(sorted(set(packed.values())))}) "
+                         f"base: merging needs a lossy requantization; pass requantize=True to accept it (no layer "
+                         f"was changed)")
     if safe:
         for name, layer in layers.items():
             if layer.merged or not layer.active_adapters:
@@ -151,7 +161,10 @@ def merge(model: nn.Module, *, safe: bool = True) -> nn.Module:
                 )
             del w, b
     for layer in layers.values():
-        layer.merge(safe=False)
+        if getattr(layer, "quantized", False):
+            layer.merge(safe=False, requantize=requantize)
+        else:
+            layer.merge(safe=False)
     return model
 
 
@@ -199,7 +212,7 @@ def _put_bases_back(model: nn.Module, layers: dict[str, AdaptedLinear]) -> None:
             object.__delattr__(root, attr)
 
 
-def merge_and_unload(model: nn.Module, *, safe: bool = True) -> nn.Module:
+def merge_and_unload(model: nn.Module, *, safe: bool = True, requantize: bool = False) -> nn.Module:
     """Fold the active adapters in and return the model with its original modules back in place.
 
     The result is the plain model it was before :func:`~lowrank_theory.training.inject`: the same
@@ -212,11 +225,12 @@ def merge_and_unload(model: nn.Module, *, safe: bool = True) -> nn.Module:
     ----------
     model : nn.Module
         Changed in place and returned.
-    safe : bool, default True
-        As :func:`merge`: a non-finite merge raises ``ValueError`` before any layer changes.
+    safe, requantize : bool
+        As :func:`merge`: a non-finite merge raises ``ValueError`` before any layer changes; layers over a
+        quantized base need ``requantize=True`` and come back as their (requantized) ``QuantizedLinear``.
     """
     layers = _require_layers(model)
-    merge(model, safe=safe)
+    merge(model, safe=safe, requantize=requantize)
     _put_bases_back(model, layers)
     return model
 

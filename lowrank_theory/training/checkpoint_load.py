@@ -56,6 +56,8 @@ def _replay(model: nn.Module, config: dict[str, Any], overrides: dict[str, Any],
                 dtype=None if dtype is None else getattr(torch, dtype),
                 layer_seeds=bool(rec.get("layer_seeds", False)),
                 adapter_name=adapter_name,
+                **({"quantize_base": rec["quantize_base"], "quant_block_size": rec.get("quant_block_size", 64)}
+                   if rec.get("quantize_base") and "quantize_base" not in cfg else {}),
                 **cfg,
             )
         )

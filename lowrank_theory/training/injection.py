@@ -28,6 +28,12 @@ model-level state from the list of target shapes ``[(d_out, d_in), ...]`` and re
 constructor keywords for every layer; and a class whose constructor takes ``basis_shape`` (VeRA,
 RandLoRA: one frozen random pair sliced by every layer) gets the largest target shape when the
 caller does not pass one.
+
+Quantized bases.  ``quantize_base="nf4"`` (or ``"int8"``) stores each target's frozen weight as a
+:class:`~lowrank_theory.adapters.quantized_base.QuantizedLinear` (QLoRA's block-wise NF4, or absmax
+int8), built in :func:`prepare` from the weight the adapter is built over (after ``from_weight``
+re-expressed it: PiSSA's residual, LQ-LoRA's and QWHA's quantized part); a model whose targets already
+are ``QuantizedLinear`` modules is adapted as it is.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from torch import nn
 from .. import __version__, adapters
 from ..adapters import AdaptedLinear, Adapter
 from ..adapters.layer import DEFAULT_ADAPTER
+from ..adapters.quantized_base import SCHEMES, QuantizationError, QuantizedLinear
 from ..linalg.random import derive_seed
 
 __all__ = [
@@ -74,14 +81,18 @@ Targets = Target | Sequence[Target]
 
 # ============================================================================ helpers
 def is_linear(module: nn.Module) -> bool:
-    """True for ``nn.Linear`` and for transformers' ``Conv1D`` (GPT-2's weight-transposed linear)."""
-    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
+    """True for ``nn.Linear``, transformers' ``Conv1D`` (GPT-2's weight-transposed linear) and ``QuantizedLinear``."""
+    return (isinstance(module, nn.Linear | QuantizedLinear)
+            or (type(module).__name__ == "Conv1D" and hasattr(module, "nf")))
 
 
 def _weight_2d(base: nn.Module) -> torch.Tensor:
-    """The base weight as (d_out, d_in) -- a transposed view for Conv1D, the stored one of an adapted layer."""
+    """The base weight as (d_out, d_in): a transposed view for Conv1D, dequantized for QuantizedLinear, the
+    stored one of an adapted layer."""
     if isinstance(base, AdaptedLinear):
         return base.weight
+    if isinstance(base, QuantizedLinear):
+        return base.dequantize()
     return base.weight if isinstance(base, nn.Linear) else base.weight.T
 
 
@@ -234,6 +245,9 @@ class InjectionPlan:
     record: dict[str, Any]
     adapters: dict[str, Adapter]
     new_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: Quantized base layers to put in place of the targets' bases (``quantize_base``, or a new
+    #: weight from ``from_weight`` over an already quantized base).
+    new_bases: dict[str, QuantizedLinear] = field(default_factory=dict)
     applied: bool = False
 
     def apply(self) -> nn.Module:
@@ -258,7 +272,9 @@ class InjectionPlan:
                 if isinstance(base, AdaptedLinear):
                     base.add_adapter(adapter_name, ad)  # inactive until set_adapter(), as in PEFT
                     continue
-                if name in self.new_weights:
+                if name in self.new_bases:
+                    base = self.new_bases[name]
+                elif name in self.new_weights:
                     w = self.new_weights[name]
                     base.weight.copy_(w if isinstance(base, nn.Linear) else w.T)
                 setattr(parent, attr, AdaptedLinear(base, ad, adapter_name=adapter_name))
@@ -298,9 +314,15 @@ def prepare(
     dtype: torch.dtype | None = None,
     layer_seeds: bool = False,
     adapter_name: str = DEFAULT_ADAPTER,
+    quantize_base: str | None = None,
+    quant_block_size: int = 64,
     **cfg: Any,
 ) -> InjectionPlan:
     """Resolve targets and build every adapter without changing ``model`` (arguments as :func:`inject`)."""
+    if quantize_base is not None and quantize_base not in SCHEMES:
+        raise ValueError(f"quantize_base must be None or one of {SCHEMES}, got {quantize_base!r}")
+    if isinstance(quant_block_size, bool) or not isinstance(quant_block_size, int) or quant_block_size < 1:
+        raise ValueError(f"quant_block_size must be a positive int, got {quant_block_size!r}")
     if not isinstance(method, str):
         raise TypeError(f"method must be a str (a registered adapter name), got {type(method).__name__}")
     cls = adapters.get(method)
@@ -318,10 +340,20 @@ def prepare(
     for n, b in bases.items():
         if isinstance(b, AdaptedLinear) and b.merged:
             raise ValueError(f"layer {n!r} is merged; unmerge(model) before adding adapter {adapter_name!r}")
+    if quantize_base is not None:
+        adapted = [n for n, b in bases.items() if isinstance(b, AdaptedLinear)]
+        if adapted:
+            raise ValueError(f"quantize_base={quantize_base!r} but targets {adapted[:3]} already hold adapters "
+                             "defined on their current base; quantize a layer before its first adapter")
+        already = [n for n, b in bases.items() if isinstance(b, QuantizedLinear)]
+        if already:
+            raise ValueError(f"quantize_base={quantize_base!r} but targets {already[:3]} are already quantized; "
+                             "leave quantize_base=None to adapt a quantized model as it is")
     shapes = [tuple(_weight_2d(b).shape) for b in bases.values()]
     extra = _shared_kwargs(cls, shapes, cfg)
     built: dict[str, Adapter] = {}
     new_weights: dict[str, torch.Tensor] = {}
+    new_bases: dict[str, QuantizedLinear] = {}
     for name, base in bases.items():
         W = _weight_2d(base)
         d_out, d_in = W.shape
@@ -348,6 +380,9 @@ def prepare(
         if not isinstance(ad, Adapter):
             raise TypeError(f"{method} built a {type(ad).__name__} for {name!r}, not an Adapter")
         built[name] = _cast_floating(ad, dtype or W.dtype, W.device)
+        if quantize_base is not None or (isinstance(base, QuantizedLinear) and name in new_weights):
+            new_bases[name] = _quantized_base(cls, name, base, new_weights.pop(name, W), quantize_base,
+                                              quant_block_size)
     record = {
         "method": method,
         "cfg": to_json({**cfg, **{k: v for k, v in extra.items() if k == "basis_shape"}}),
@@ -360,7 +395,34 @@ def prepare(
         "adapter_name": adapter_name,
         "library_version": __version__,
     }
-    return InjectionPlan(model, record, built, new_weights)
+    if quantize_base is not None:
+        record.update(quantize_base=quantize_base, quant_block_size=quant_block_size)
+    return InjectionPlan(model, record, built, new_weights, new_bases)
+
+
+def _quantized_base(cls: type[Adapter], name: str, base: nn.Module, W: torch.Tensor, scheme: str | None,
+                    block_size: int) -> QuantizedLinear:
+    """The packed base for ``W`` (the target's weight, or the one ``from_weight`` returned).
+
+    A method whose init reads the quantization error (``quantizes_base``: LQ-LoRA, QWHA) returned an
+    already quantized ``W``; its packing must reproduce it (up to one rounding of a half-precision
+    compute dtype), else the stored base is not the one the init read and this raises ``ValueError``.
+    """
+    if isinstance(base, QuantizedLinear):
+        scheme, block_size = base.scheme, base.block_size
+    bias = base.bias.detach() if base.bias is not None else None
+    q = QuantizedLinear.from_weight(W.detach(), bias, scheme=scheme, block_size=block_size)
+    if getattr(cls, "quantizes_base", False):
+        err = QuantizationError.between(W, q.dequantize())
+        bound = 2 * torch.finfo(W.dtype).eps * float(W.detach().abs().max()) if W.dtype.itemsize < 4 else 0.0
+        if err.max_abs > bound:
+            raise ValueError(
+                f"{cls.name}.from_weight quantized {name!r} differently from the base ({scheme}, block_size="
+                f"{block_size}): repacking changes it by up to {err.max_abs:.3g}, so the stored base would not be "
+                f"the one its init read. Give the method the same quantizer (quantizer='nf4' for 'nf4', "
+                f"'uniform' with bits=8 for 'int8') and block_size={block_size}"
+            )
+    return q
 
 
 def inject(
@@ -373,6 +435,8 @@ def inject(
     dtype: torch.dtype | None = None,
     layer_seeds: bool = False,
     adapter_name: str = DEFAULT_ADAPTER,
+    quantize_base: str | None = None,
+    quant_block_size: int = 64,
     **cfg: Any,
 ) -> nn.Module:
     r"""Wrap every target layer of ``model`` with the adapter ``method``; freeze everything else.
@@ -399,6 +463,14 @@ def inject(
         The name of the new adapters.  A target that is already adapted gets this adapter next to
         the ones it holds, *inactive* (frozen) until :func:`~lowrank_theory.training.set_adapter`
         activates it, as in PEFT; a fresh target gets it as its active adapter.
+    quantize_base : {"nf4", "int8"}, optional
+        Store each target's frozen weight packed in 4-bit NF4 (QLoRA) or absmax int8, blocks of
+        ``quant_block_size`` entries, as a :class:`~lowrank_theory.adapters.quantized_base.QuantizedLinear`
+        (the packed codes are then the only copy of W0; the forward dequantizes on the fly).  The weight
+        packed is the one the adapter is built over: W0, or what ``from_weight`` returned.  Default None:
+        float bases, or already quantized ones kept as they are.
+    quant_block_size : int, default 64
+        Entries per absmax scale of ``quantize_base``.
     **cfg
         The adapter's constructor keywords (``rank=8, alpha=16``); passed unchanged to every layer.
 
@@ -420,10 +492,13 @@ def inject(
     The adapted layer computes :math:`y = W_0 x + b_0 + \Delta W x` for additive methods; every
     parameter of ``model`` outside an adapter gets ``requires_grad=False``.  Nothing is changed
     when an error is raised (all adapters are built first).
+
+    Over a quantized base, :func:`merge` is refused (``ValueError``, see
+    :meth:`~lowrank_theory.adapters.AdaptedLinear.merge`): merging needs a lossy requantization.
     """
     return prepare(
         model, method, targets, exclude, from_weight=from_weight, dtype=dtype, layer_seeds=layer_seeds,
-        adapter_name=adapter_name, **cfg
+        adapter_name=adapter_name, quantize_base=quantize_base, quant_block_size=quant_block_size, **cfg
     ).apply()
 
 
