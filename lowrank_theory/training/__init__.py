@@ -60,12 +60,13 @@ from .data import (
 )
 from .fsdp import shard_model
 from .increlora import IncreLoRASchedule, grow_adalora
-from .injection import adapted_layers, find_targets, inject, prepare, unwrap_model
+from .injection import adapted_layers, inject, prepare, unwrap_model
 from .optim import make_optimizer
 from .peft_format import export_peft, import_peft
 from .rank_change import ParamRemap, RankChange, RankSchedule, remap_optimizer
 from .real_updates import GradientTrace, real_finetune_delta, real_layer_gradients
 from .schedules import AdaLoRASchedule, LoRASqueezeSchedule, SoRASchedule, make_schedule, squeeze_model
+from .targets import find_targets
 from .tasks import (
     SequenceClassifier,
     Task,

@@ -38,7 +38,8 @@ from .. import __version__
 from ..adapters import Adapter
 from ..adapters.layer import DEFAULT_ADAPTER
 from .fsdp import full_tensor, is_sharded
-from .injection import CONFIG_ATTR, adapted_layers, to_json, unwrap_model
+from .injection import CONFIG_ATTR, adapted_layers, unwrap_model
+from .targets import to_json
 
 __all__ = ["CONFIG_NAME", "FORMAT", "WEIGHTS_NAME", "adapter_state", "read_json", "read_safetensors",
            "save_adapters"]

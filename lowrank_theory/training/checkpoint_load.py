@@ -22,7 +22,8 @@ from ..adapters import Adapter
 from ..adapters.layer import DEFAULT_ADAPTER
 from .checkpoint import CONFIG_NAME, FORMAT, FORMAT_VERSION, WEIGHTS_NAME, adapter_state, read_json, read_safetensors
 from .fsdp import shard_like
-from .injection import InjectionPlan, adapted_layers, prepare, to_json, unwrap_model
+from .injection import InjectionPlan, adapted_layers, prepare, unwrap_model
+from .targets import to_json
 
 __all__ = ["LoadPlan", "load_adapters", "plan_load"]
 

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from ..adapters import AdaptedLinear
-from .injection import InjectionPlan, find_targets, is_linear, prepare
+from .injection import InjectionPlan, prepare
+from .targets import find_targets, is_linear
 
 __all__ = [
     "PEFT_CONFIG_NAME",
@@ -177,7 +178,7 @@ def config_targets(model: nn.Module, f: PeftFile) -> list[str]:
     """The modules PEFT's ``target_modules`` / ``exclude_modules`` select in ``model``, in module order.
 
     For files that do not list their layers through per-layer tensors.  ``"all-linear"`` is our
-    :func:`~lowrank_theory.training.injection.find_targets` rule (every Linear / Conv1D but the
+    :func:`~lowrank_theory.training.targets.find_targets` rule (every Linear / Conv1D but the
     output head, as PEFT's); ``layers_to_transform`` is refused.
     """
     targets, exclude = f.config.get("target_modules"), f.config.get("exclude_modules")

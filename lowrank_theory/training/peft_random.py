@@ -43,7 +43,7 @@ from torch import nn
 
 from ..adapters.projection import UniLoRAShared, balanced_indices
 from ..linalg.projections import isometric_projection
-from .injection import InjectionPlan, find_targets
+from .injection import InjectionPlan
 from .peft_common import (
     PREFIX,
     SHARED_PREFIX,
@@ -63,6 +63,7 @@ from .peft_common import (
     plan,
     weight_shapes,
 )
+from .targets import find_targets
 
 __all__ = ["FOURIERFT", "RANDLORA", "UNILORA", "VERA"]
 

@@ -41,7 +41,8 @@ from .data import (
     load_text_dataset,
     stdlib_sentences,
 )
-from .injection import adapted_layers, find_targets
+from .injection import adapted_layers
+from .targets import find_targets
 
 __all__ = [
     "PLANTED_KINDS",
