@@ -59,20 +59,21 @@ class HalfUnmerge(LoRA):
 
 
 class HalfPrecisionDelta(LoRA):
-    """The merge this issue found: ΔW in the adapter's fp16/bf16 dtype, upcast only for the sum."""
+    """The merge this issue found: ΔW in the adapter's fp16/bf16 dtype (no float32 working dtype).
 
-    @torch.no_grad()
-    def merged_weight(self, base_weight):
-        acc = torch.promote_types(base_weight.dtype, torch.float32)
-        return (base_weight.to(acc) + self.delta_weight().to(acc)).to(base_weight.dtype)
+    The host runs every merge in ``merge_dtype``; this mutant answers the adapter's own dtype there,
+    so an fp16/bf16 adapter computes ΔW and the sum in fp16/bf16.
+    """
+
+    def merge_dtype(self, base_weight):
+        return self.B.dtype
 
 
 class HalfPrecisionSum(LoRA):
     """ΔW rounded to the half base dtype before the sum (a float32 adapter on a bf16 base)."""
 
-    @torch.no_grad()
-    def merged_weight(self, base_weight):
-        return base_weight + self.delta_weight().to(base_weight.dtype)
+    def merge_dtype(self, base_weight):
+        return base_weight.dtype
 
 
 class ForgetsB(LoRA):
