@@ -9,14 +9,16 @@ Three kinds of name are indexed, together every name ``lowrank-theory train --me
   :data:`~lowrank_theory.training.cli_train.METHOD_DEFAULTS`);
 * ``rule`` -- a training rule of :func:`~lowrank_theory.training.optim.make_optimizer`.
 
-What is *declared* here (:data:`INDEX`): the paper, the parameter-count formula (a Python expression
+What is *declared* here (:data:`DECLARED`, or on the class): the paper, the parameter-count formula (a Python expression
 in the arguments of the class's ``param_count``, checked against it by the tests), the tests, proofs and
 notebooks, and the PEFT counterpart.  What is *read from the code* when asked (:func:`describe`): the
 class, its file, its formula (the first line of its docstring) and the export formats.  ``docs/methods.md``
 is :func:`methods_markdown` of this data; ``python -m lowrank_theory.method_index docs/methods.md``
 rewrites it, and a test fails when the checked-in file is stale.
 
-(The declarations live in this one module until the adapter classes carry them themselves.)
+An adapter class may carry its own declaration instead: a class attribute ``index_entry`` made with
+:func:`adapter_entry` next to the class (the newer methods do; the first wave's stay in the table
+:data:`DECLARED` below).  :func:`index` merges the two and refuses a name declared in both places.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["INDEX", "MethodEntry", "Paper", "describe", "entry", "format_entry", "methods_markdown", "names",
-           "param_count_from_formula"]
+__all__ = ["DECLARED", "MethodEntry", "Paper", "adapter_entry", "describe", "entry", "format_entry", "index",
+           "methods_markdown", "names", "param_count_from_formula"]
 
 
 @dataclass(frozen=True)
@@ -65,9 +67,19 @@ class MethodEntry:
 NB_COMPLEXITY = "notebooks/09_complexity.py"  # measures every registered adapter
 
 
-def _a(name: str, paper: Paper, params: str, tests: tuple[str, ...], *, notebooks: tuple[str, ...] = (),
-       **kw: Any) -> MethodEntry:
+def adapter_entry(name: str, paper: Paper, params: str, tests: tuple[str, ...], *,
+                  notebooks: tuple[str, ...] = (), **kw: Any) -> MethodEntry:
+    """The index entry of a registered adapter ``name``: its paper, its parameter-count formula (a Python
+    expression in the arguments of ``param_count``, with ``where`` definitions evaluated first), the test
+    files that exercise it and, in ``kw``, its ``proofs``, ``peft`` counterpart, ``note`` ...
+
+    Set it as the class attribute ``index_entry`` of the adapter class to declare the method next to its
+    code; the complexity notebook, which measures every registered adapter, is added to ``notebooks``.
+    """
     return MethodEntry(name, "adapter", paper, params, tests=tests, notebooks=(*notebooks, NB_COMPLEXITY), **kw)
+
+
+_a = adapter_entry
 
 
 _T = "tests/adapters/"
@@ -76,8 +88,8 @@ _N = "notebooks/"
 _EY, _RSVD = _P + "01-eckart-young-mirsky.md", _P + "02-randomized-range-finder.md"
 _CTERM, _DCT = _P + "06-best-c-term.md", _P + "17-dct-orthonormal.md"
 
-#: name -> declared entry, adapters in registry order, then schedule-driven methods, then rules
-INDEX: dict[str, MethodEntry] = {e.name: e for e in (
+#: name -> entry declared in this module: adapters, then schedule-driven methods, then rules
+DECLARED: dict[str, MethodEntry] = {e.name: e for e in (
     _a("adalora", Paper("AdaLoRA: Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning", "2303.10512"),
        "rank * (d_out + d_in + 1)", (_T + "test_adaptive_rank.py", "tests/training/test_schedules.py"),
        notebooks=(_N + "10_rank_allocation.py",), peft="peft.AdaLoraConfig",
@@ -208,15 +220,37 @@ INDEX: dict[str, MethodEntry] = {e.name: e for e in (
 )}
 
 
+def index() -> dict[str, MethodEntry]:
+    """name -> entry: :data:`DECLARED` plus the ``index_entry`` of every registered adapter class that has
+    one; adapters sorted by name, then schedule-driven methods, then rules (the order of ``docs/methods.md``).
+    """
+    from . import adapters
+
+    merged = dict(DECLARED)
+    for name in adapters.names():
+        own = adapters.get(name).__dict__.get("index_entry")
+        if own is None:
+            continue
+        if name in DECLARED:
+            raise RuntimeError(f"{name!r} is declared both in method_index.DECLARED and on its class")
+        if own.name != name or own.kind != "adapter":
+            raise RuntimeError(f"{adapters.get(name).__name__}.index_entry declares {own.name!r} ({own.kind}), "
+                               f"not the adapter {name!r}")
+        merged[name] = own
+    order = {"adapter": 0, "method": 1, "rule": 2}
+    keys = sorted(merged, key=lambda n: (order[merged[n].kind], n if merged[n].kind == "adapter" else ""))
+    return {k: merged[k] for k in keys}
+
+
 def names(kind: str | None = None) -> list[str]:
     """Indexed names (of one ``kind``: ``"adapter"``, ``"method"``, ``"rule"``), in index order."""
-    return [n for n, e in INDEX.items() if kind is None or e.kind == kind]
+    return [n for n, e in index().items() if kind is None or e.kind == kind]
 
 
 def entry(name: str) -> MethodEntry:
     """The declared entry of ``name`` (``ValueError`` listing the indexed names otherwise)."""
     try:
-        return INDEX[name]
+        return index()[name]
     except KeyError:
         raise ValueError(f"unknown method {name!r}; known: {', '.join(names())}") from None
 

@@ -136,3 +136,17 @@ def test_info_unknown_name_is_one_error_line(capsys):
     assert main(["info", "no-such-method"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("lowrank-theory info: error:") and "increlora" in err[0]
+
+
+def test_an_entry_declared_on_the_class_is_indexed_and_a_double_declaration_refused(monkeypatch):
+    """``index_entry`` on an adapter class stands for a row of ``DECLARED``; both at once is an error."""
+    vera = method_index.DECLARED["vera"]
+    cls = adapters.get("vera")
+    monkeypatch.setattr(cls, "index_entry", vera, raising=False)
+    with pytest.raises(RuntimeError, match="declared both"):
+        method_index.names()
+    monkeypatch.delitem(method_index.DECLARED, "vera")
+    assert method_index.entry("vera") == vera and "vera" in method_index.names("adapter")
+    monkeypatch.setattr(cls, "index_entry", dataclasses.replace(vera, name="lora"))
+    with pytest.raises(RuntimeError, match="not the adapter 'vera'"):
+        method_index.names()
