@@ -100,7 +100,7 @@ for r in exp.claims(rows):
 #   one), so it searches around the average, not around task arithmetic's λ = 1.5; the paper runs thousands of
 #   evaluations.
 # * **PEFT's factor-wise "linear" is not task arithmetic.** Merging the $B_t$ and the $A_t$ separately adds the cross
-#   terms $\sqrt{w_sw_t}B_sA_t$ (`proofs/merging-factored-merges.md`): its ΔW is 66 % (relative Frobenius) away from
+#   terms $\sqrt{w_sw_t}B_sA_t$ (`proofs/19-merging-factored-merges.md`): its ΔW is 66 % (relative Frobenius) away from
 #   the task-arithmetic merge, and it scores 0.802 / 0.886 (mean 0.844), below every other merge but DARE at
 #   p ≥ 0.9. `cat` (exact, rank 8) and `svd` (rank 4 from the factors, never dense) match task arithmetic.
 

@@ -20,7 +20,7 @@ flattened model, as their authors do):
   ``dare_densities`` (drop rate :math:`p = 1 - \rho`);
 * ``cat`` (concatenated factors, exact: must equal task arithmetic) and ``svd`` (per layer the best rank-``rank``
   approximation of the task-arithmetic merge, from the factors); ``peft_linear`` (PEFT's factor-wise "linear":
-  merging the :math:`B_t` and the :math:`A_t` separately adds cross terms, ``proofs/merging-factored-merges.md``);
+  merging the :math:`B_t` and the :math:`A_t` separately adds cross terms, ``proofs/19-merging-factored-merges.md``);
 * ``m2n2`` -- M2N2 on the fine-tuned models (whole adapted weights :math:`W_0 + \Delta W_t`, SLERP crossover
   with split points, the paper's setting), fitness = per-example correctness on the merge set, ``m2n2_steps``
   children; its best member is evaluated on the test set.
@@ -74,7 +74,7 @@ PAPERS = (("Parameter Competition Balancing for Model Merging", "2410.02396"),
           ("Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch", "2311.03099"),
           ("Competition and Attraction Improve Model Fusion", "2508.16204"))
 NOTEBOOK = "notebooks/11_merging.py"
-PROOFS = ("proofs/merging-factored-merges.md",)
+PROOFS = ("proofs/19-merging-factored-merges.md",)
 ENGINE = "torch float32 on --device, real MiniLM (ignores --backend)"
 
 #: sub-task name -> standard-library modules (classes); pure-Python modules with 120+ docstrings each

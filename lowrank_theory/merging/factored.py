@@ -7,7 +7,7 @@ r"""Merges of factored task vectors :math:`\Delta W_t = B_t A_t` (LoRA factors) 
 
 Both are PEFT's ``add_weighted_adapter`` combinations of the same names
 (:func:`~lowrank_theory.merging.lora.combine_lora` has the rest); the exactness of ``cat`` and the
-optimality of ``svd`` are proved in ``proofs/merging-factored-merges.md``.
+optimality of ``svd`` are proved in ``proofs/19-merging-factored-merges.md``.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def cat(factors: Sequence[tuple[Any, Any]], weights: Sequence[float] | None = No
     Notes
     -----
     Block multiplication: :math:`[B_1 \cdots B_T]\,[w_1A_1; \dots; w_TA_T] = \sum_t w_t B_tA_t`.  PEFT's
-    ``cat`` does the same, with :math:`w_t s_t` on the :math:`A_t` (``proofs/merging-factored-merges.md``).
+    ``cat`` does the same, with :math:`w_t s_t` on the :math:`A_t` (``proofs/19-merging-factored-merges.md``).
     Nothing of size m×n is formed; the output has :math:`R(m + n)` entries.
     """
     pairs = check_factors(factors)

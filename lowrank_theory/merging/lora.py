@@ -13,7 +13,7 @@ types, in three families:
   :math:`\operatorname{sgn}(w_ts_t)\sqrt{|w_ts_t|}` on A and :math:`\sqrt{|w_ts_t|}` on B.  This is **not**
   the merge of the :math:`\Delta W_t`: for ``"linear"``,
   :math:`(\sum_t\sqrt{w_t}B_t)(\sum_t\sqrt{w_t}A_t) = \sum_t w_tB_tA_t + \sum_{s\ne t}\sqrt{w_sw_t}B_sA_t`
-  (``proofs/merging-factored-merges.md``); it needs equal ranks.
+  (``proofs/19-merging-factored-merges.md``); it needs equal ranks.
 
 :func:`combine_lora` reproduces each of them on one layer's factors; the tests compare it with PEFT.
 """

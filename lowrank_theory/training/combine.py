@@ -9,7 +9,7 @@ written as a new adapter.
 :math:`\sum_t w_t s_t B_t A_t` at rank :math:`\sum_t r_t`; for ``svd`` the best rank-``svd_rank``
 approximation of that sum (Eckart--Young, from the factors, never the dense product); for the
 factor-wise types PEFT's rule, which is *not* the merge of the :math:`\Delta W_t` (see
-``proofs/merging-factored-merges.md``).
+``proofs/19-merging-factored-merges.md``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Check of proofs/merging-factored-merges.md: `cat` is exact at rank Σ r_t, the `svd` merge is the Eckart–Young
+"""Check of proofs/19-merging-factored-merges.md: `cat` is exact at rank Σ r_t, the `svd` merge is the Eckart–Young
 optimum built from the concatenated factors, and the factor-wise "linear" merge adds cross terms.
 
 References: NumPy float64 (QR, SVD, matrix_rank) and sympy, called independently of the library.
