@@ -1,8 +1,14 @@
 """Training side: adapters inside real models, training rules, rank schedules, a trainer, data and tasks.
 
-* :mod:`~lowrank_theory.training.injection` -- :func:`inject` (targets by name, suffix, regex or
-  ``"all-linear"``), :func:`merge`, :func:`unmerge`, :func:`disable`, :func:`summary`,
-  :func:`unwrap_model` (DDP / ``accelerate`` / ``torch.compile`` wrappers), ...
+* :mod:`~lowrank_theory.training.injection` -- :func:`inject` (one adapter, or another named one with
+  ``adapter_name=``; ``quantize_base=`` for NF4/int8 frozen bases), :func:`prepare`, :func:`adapted_layers`,
+  :func:`unwrap_model` (DDP / ``accelerate`` / ``torch.compile`` wrappers); target selection (names,
+  suffixes, regex, ``"all-linear"``) in :mod:`~lowrank_theory.training.targets` (:func:`find_targets`).
+* :mod:`~lowrank_theory.training.adapter_ops` -- model-level :func:`merge` (``safe``, ``requantize``),
+  :func:`unmerge`, :func:`disable`, :func:`merge_and_unload`, :func:`unload`, named adapters
+  (:func:`adapter_names`, :func:`active_adapters`, :func:`set_adapter`, :func:`delete_adapter`), :func:`summary`;
+  :mod:`~lowrank_theory.training.combine` -- :func:`combine_adapters` (PEFT's ``add_weighted_adapter``,
+  on :mod:`lowrank_theory.merging`).
 * :mod:`~lowrank_theory.training.checkpoint` -- :func:`save_adapters` / :func:`load_adapters`
   (safetensors + JSON; frozen random bases regenerated from seeds; ``resize=True`` after a rank change;
   :func:`~lowrank_theory.training.checkpoint_load.plan_load` validates without writing).
