@@ -9,16 +9,16 @@ Three kinds of name are indexed, together every name ``lowrank-theory train --me
   :data:`~lowrank_theory.training.cli_train.METHOD_DEFAULTS`);
 * ``rule`` -- a training rule of :func:`~lowrank_theory.training.optim.make_optimizer`.
 
-What is *declared* here (:data:`DECLARED`, or on the class): the paper, the parameter-count formula (a Python expression
-in the arguments of the class's ``param_count``, checked against it by the tests), the tests, proofs and
-notebooks, and the PEFT counterpart.  What is *read from the code* when asked (:func:`describe`): the
+What is *declared*: the paper, the parameter-count formula (a Python expression in the arguments of the
+class's ``param_count``, checked against it by the tests), the tests, proofs and notebooks, and the PEFT
+counterpart.  Each adapter class declares its own, as the class attribute ``index_entry`` made with
+:func:`adapter_entry` next to the class; schedule-driven methods and training rules are declared in the
+table :data:`DECLARED` here.  What is *read from the code* when asked (:func:`describe`): the
 class, its file, its formula (the first line of its docstring) and the export formats.  ``docs/methods.md``
 is :func:`methods_markdown` of this data; ``python -m lowrank_theory.method_index docs/methods.md``
 rewrites it, and a test fails when the checked-in file is stale.
 
-An adapter class may carry its own declaration instead: a class attribute ``index_entry`` made with
-:func:`adapter_entry` next to the class (the newer methods do; the first wave's stay in the table
-:data:`DECLARED` below).  :func:`index` merges the two and refuses a name declared in both places.
+:func:`index` merges the two and refuses a name declared in both places.
 """
 
 from __future__ import annotations
@@ -79,115 +79,14 @@ def adapter_entry(name: str, paper: Paper, params: str, tests: tuple[str, ...], 
     return MethodEntry(name, "adapter", paper, params, tests=tests, notebooks=(*notebooks, NB_COMPLEXITY), **kw)
 
 
-_a = adapter_entry
-
-
 _T = "tests/adapters/"
 _P = "proofs/"
 _N = "notebooks/"
 _EY, _RSVD = _P + "01-eckart-young-mirsky.md", _P + "02-randomized-range-finder.md"
-_CTERM, _DCT = _P + "06-best-c-term.md", _P + "17-dct-orthonormal.md"
 
-#: name -> entry declared in this module: adapters, then schedule-driven methods, then rules
+#: name -> entry declared in this module: the schedule-driven methods and the training rules (each adapter
+#: class declares its own ``index_entry``)
 DECLARED: dict[str, MethodEntry] = {e.name: e for e in (
-    _a("adalora", Paper("AdaLoRA: Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning", "2303.10512"),
-       "rank * (d_out + d_in + 1)", (_T + "test_adaptive_rank.py", "tests/training/test_schedules.py"),
-       notebooks=(_N + "10_rank_allocation.py",), peft="peft.AdaLoraConfig",
-       peft_test=_T + "test_adaptive_rank.py", note="trained with its AdaLoRASchedule by default"),
-    _a("block_lora", Paper("One Head Eight Arms: Block Matrix based Low Rank Adaptation for CLIP-based Few-Shot "
-                           "Learning", "2501.16720"),
-       "rank * d_out + (rank // num_blocks) * d_in", (_T + "test_lowrank_family.py",),
-       proofs=(_P + "05-block-lora-rank.md",)),
-    _a("comp_lora", Paper("Complementary Subspace Low-Rank Adaptation of Vision-Language Models for Few-Shot "
-                          "Classification"), "rank * (d_out + d_in)", (_T + "test_lowrank_family.py",)),
-    _a("dora", Paper("DoRA: Weight-Decomposed Low-Rank Adaptation", "2402.09353"), "rank * (d_out + d_in) + d_out",
-       (_T + "test_multiplicative.py", _T + "test_peft_dora.py", _T + "test_fused.py"),
-       proofs=(_P + "14-dora-row-norm.md",), notebooks=(_N + "08_lr_sensitivity.py",),
-       peft="peft.LoraConfig(use_dora=True)", peft_test=_T + "test_peft_dora.py"),
-    _a("flora", Paper("FLoRA: Low-Rank Core Space for N-dimension", "2405.14739"), "r1 * r2 + d_out * r1 + d_in * r2",
-       (_T + "test_tensor.py",), where=(("r1", "min(ranks, d_out)"), ("r2", "min(ranks, d_in)")),
-       proofs=(_P + "11-hosvd-quasi-optimality.md",), notebooks=(_N + "01_expressivity.py",)),
-    _a("flora_conv2d", Paper("FLoRA: Low-Rank Core Space for N-dimension", "2405.14739"),
-       "ro * ri * rh * rw + d_out * ro + d_in * ri + kernel_size * (rh + rw)", (_T + "test_tensor.py",),
-       where=(("ro", "min(ranks, d_out)"), ("ri", "min(ranks, d_in)"), ("rh", "min(ranks, kernel_size)"),
-              ("rw", "min(ranks, kernel_size)")),
-       proofs=(_P + "11-hosvd-quasi-optimality.md",), note="for nn.Conv2d; kernel_size is one int here"),
-    _a("fourierft", Paper("Parameter-Efficient Fine-Tuning with Discrete Fourier Transform", "2405.03003"),
-       "n_frequency", (_T + "test_frequency.py", _T + "test_peft_fourierft.py", _T + "test_spectral_dense.py"),
-       proofs=(_P + "07-loca-idct-vs-idft.md", _P + "18-spectral-coefficient-gradient.md"),
-       notebooks=(_N + "01_expressivity.py",), peft="peft.FourierFTConfig", peft_test=_T + "test_peft_fourierft.py"),
-    _a("hut", Paper("HUT: A More Computation Efficient Fine-Tuning Method With Hadamard Updated Transformation",
-                    "2409.13501"), "rank * (d_out + d_in)", (_T + "test_multiplicative.py",)),
-    _a("loca", Paper("LoCA: Location-Aware Cosine Adaptation for Parameter-Efficient Fine-Tuning", "2502.06820"),
-       "n_frequency", (_T + "test_loca_locations.py", _T + "test_frequency.py", _T + "test_spectral_dense.py"),
-       proofs=(_P + "07-loca-idct-vs-idft.md", _P + "08-frequency-vs-lowrank-regimes.md", _CTERM, _DCT,
-               _P + "18-spectral-coefficient-gradient.md"),
-       notebooks=(_N + "01_expressivity.py", _N + "02_loca_regimes.py"),
-       peft="none (its PEFT peer in benchmarks and tests is peft.FourierFTConfig at the same budget)"),
-    _a("loldu", Paper("LoLDU: Low-Rank Adaptation via Lower-Diag-Upper Decomposition for Parameter-Efficient "
-                      "Fine-Tuning", "2410.13618"), "rank + 1", (_T + "test_ldu_adapter.py",),
-       proofs=(_P + "12-ldu-leading-minors.md",), notebooks=(_N + "01_expressivity.py",)),
-    _a("lora", Paper("LoRA: Low-Rank Adaptation of Large Language Models", "2106.09685"), "rank * (d_out + d_in)",
-       (_T + "test_lora.py", _T + "test_fused.py", "tests/training/test_peft_format.py"), proofs=(_EY,),
-       notebooks=(_N + "01_expressivity.py", _N + "02_loca_regimes.py", _N + "03_gradient_approximation.py",
-                  _N + "05_computational_limits.py", _N + "06_lora_squeeze.py", _N + "07_random_bases.py",
-                  _N + "08_lr_sensitivity.py"),
-       peft="peft.LoraConfig (rsLoRA: use_rslora=True)", peft_test="tests/training/test_peft_format.py",
-       note="rslora=True scales by alpha/sqrt(rank) (rsLoRA, arXiv:2312.03732)"),
-    _a("lora_sb", Paper("Initialization using Update Approximation is a Silver Bullet for Extremely Efficient "
-                        "Low-Rank Fine-Tuning", "2411.19557"), "rank ** 2", (_T + "test_svd_based.py",),
-       proofs=(_P + "04-lorasb-subspace.md", _EY),
-       notebooks=(_N + "03_gradient_approximation.py", _N + "04_lorasb_init.py")),
-    _a("lora_xs", Paper("LoRA-XS: Low-Rank Adaptation with Extremely Small Number of Parameters", "2405.17604"),
-       "rank ** 2", (_T + "test_svd_based.py",), proofs=(_P + "04-lorasb-subspace.md",),
-       notebooks=(_N + "01_expressivity.py", _N + "04_lorasb_init.py")),
-    _a("lq_lora", Paper("LQ-LoRA: Low-rank plus Quantized Matrix Decomposition for Efficient Language Model "
-                        "Finetuning", "2311.12023"), "rank * (d_out + d_in)", (_T + "test_sparse_quantized.py",),
-       proofs=(_RSVD,), peft="none (peft.LoftQConfig is a related, different initialization)"),
-    _a("milora", Paper("MiLoRA: Harnessing Minor Singular Components for Parameter-Efficient LLM Finetuning",
-                       "2406.09044"), "rank * (d_out + d_in)", (_T + "test_lowrank_family.py",), proofs=(_EY, _RSVD)),
-    _a("nola", Paper("NOLA: Compressing LoRA using Linear Combination of Random Basis", "2310.02556"),
-       "num_basis_a + num_basis_b", (_T + "test_random_basis.py",),
-       notebooks=(_N + "01_expressivity.py", _N + "07_random_bases.py")),
-    _a("pissa", Paper("PiSSA: Principal Singular Values and Singular Vectors Adaptation of Large Language Models",
-                      "2404.02948"), "rank * (d_out + d_in)", (_T + "test_lowrank_family.py",), proofs=(_EY, _RSVD),
-       notebooks=(_N + "08_lr_sensitivity.py",), peft="peft.LoraConfig(init_lora_weights='pissa')",
-       peft_test=_T + "test_lowrank_family.py"),
-    _a("qwha", Paper("QWHA: Quantization-Aware Walsh-Hadamard Adaptation for Parameter-Efficient Fine-Tuning on "
-                     "Large Language Models", "2509.17428"), "n_frequency", (_T + "test_frequency.py",),
-       proofs=(_P + "13-walsh-hadamard.md", _CTERM), notebooks=(_N + "01_expressivity.py",)),
-    _a("randlora", Paper("RandLoRA: Full-rank parameter-efficient fine-tuning of large models", "2502.00987"),
-       "ceil(min(d_out, d_in) / rank) * (rank + min(d_out, d_in))",
-       (_T + "test_random_basis.py", _T + "test_peft_random.py"), proofs=(_P + "10-randlora-full-rank.md",),
-       notebooks=(_N + "01_expressivity.py", _N + "07_random_bases.py"), peft="peft.RandLoraConfig",
-       peft_test=_T + "test_peft_random.py"),
-    _a("s2_lora", Paper("Sparsely Shared LoRA on Whisper for Child Speech Recognition", "2309.11756"),
-       "rank * (d_out + d_in) + rank", (_T + "test_lowrank_family.py",),
-       note="B, A shared by all layers: the count is per layer as if it owned them"),
-    _a("sltrain", Paper("SLTrain: a sparse plus low-rank approach for parameter and memory efficient pretraining",
-                        "2406.02214"), "rank * (d_out + d_in) + floor(density * d_out * d_in * (1 + 1e-12))",
-       (_T + "test_sparse_quantized.py",), notebooks=(_N + "01_expressivity.py",)),
-    _a("sora", Paper("Sparse Low-rank Adaptation of Pre-trained Language Models", "2311.11696"),
-       "rank * (d_out + d_in + 1)", (_T + "test_adaptive_rank.py", "tests/training/test_schedules.py"),
-       proofs=(_P + "15-sora-proximal-step.md",), notebooks=(_N + "10_rank_allocation.py",),
-       note="trained with its SoRASchedule by default"),
-    _a("ssf", Paper("Scaling & Shifting Your Features: A New Baseline for Efficient Model Tuning", "2210.08823"),
-       "2 * d_out", (_T + "test_multiplicative.py",)),
-    _a("svfit", Paper("SVFit: Parameter-Efficient Fine-Tuning of Large Pre-Trained Models Using Singular Values",
-                      "2409.05926"), "rank", (_T + "test_svd_based.py",), proofs=(_EY,),
-       notebooks=(_N + "01_expressivity.py",)),
-    _a("tlora", Paper("Transformed Low-rank Adaptation via Tensor Decomposition and Its Applications to "
-                      "Text-to-image Models", "2501.08727"), "", (_T + "test_tensor.py",),
-       note="parameters: the sizes of the tensor-train cores of ΔT (bond rank transform_rank) and R (bond rank "
-            "residual_rank), n_cores each (adapters.tensor.tt_core_shapes)"),
-    _a("unilora", Paper("Uni-LoRA: One Vector is All You Need", "2506.00799"), "d",
-       (_T + "test_projection.py", _T + "test_peft_random.py"), proofs=(_P + "09-unilora-isometry.md",),
-       notebooks=(_N + "01_expressivity.py", _N + "07_random_bases.py"), peft="peft.UniLoraConfig",
-       peft_test=_T + "test_peft_random.py", note="one vector θ_d shared by all layers: d counts it once"),
-    _a("vera", Paper("VeRA: Vector-based Random Matrix Adaptation", "2310.11454"), "d_out + rank",
-       (_T + "test_random_basis.py", _T + "test_peft_random.py"),
-       notebooks=(_N + "01_expressivity.py", _N + "07_random_bases.py"), peft="peft.VeraConfig",
-       peft_test=_T + "test_peft_random.py"),
     MethodEntry("increlora", "method", Paper("IncreLoRA: Incremental Parameter Allocation Method for "
                                              "Parameter-Efficient Fine-tuning", "2308.12043"),
                 tests=("tests/training/test_schedules.py",), notebooks=(_N + "10_rank_allocation.py",),

@@ -138,15 +138,17 @@ def test_info_unknown_name_is_one_error_line(capsys):
     assert len(err) == 1 and err[0].startswith("lowrank-theory info: error:") and "increlora" in err[0]
 
 
-def test_an_entry_declared_on_the_class_is_indexed_and_a_double_declaration_refused(monkeypatch):
-    """``index_entry`` on an adapter class stands for a row of ``DECLARED``; both at once is an error."""
-    vera = method_index.DECLARED["vera"]
+def test_each_adapter_class_declares_its_entry_and_a_double_declaration_is_refused(monkeypatch):
+    """Every registered adapter carries ``index_entry`` on its own class (not inherited); declaring a name
+    on the class and in ``DECLARED`` at once, or an entry for another name, is an error."""
+    for name in adapters.names():
+        own = adapters.get(name).__dict__.get("index_entry")
+        assert own is not None and own.name == name and method_index.entry(name) is own, name
     cls = adapters.get("vera")
-    monkeypatch.setattr(cls, "index_entry", vera, raising=False)
+    monkeypatch.setitem(method_index.DECLARED, "vera", cls.index_entry)
     with pytest.raises(RuntimeError, match="declared both"):
         method_index.names()
     monkeypatch.delitem(method_index.DECLARED, "vera")
-    assert method_index.entry("vera") == vera and "vera" in method_index.names("adapter")
-    monkeypatch.setattr(cls, "index_entry", dataclasses.replace(vera, name="lora"))
+    monkeypatch.setattr(cls, "index_entry", dataclasses.replace(cls.index_entry, name="lora"))
     with pytest.raises(RuntimeError, match="not the adapter 'vera'"):
         method_index.names()

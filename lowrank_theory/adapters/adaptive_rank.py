@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..method_index import Paper, adapter_entry
 from .base import Adapter, check_weight
 from .lowrank import LORA_PARAMS, LoRA, _check_dropout, _generator, _kaiming_rows
 from .params import Choice, Int, schema
@@ -112,6 +113,17 @@ class AdaLoRA(Adapter):
     Q. Zhang et al., "AdaLoRA: Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning",
     ICLR 2023, arXiv:2303.10512.
     """
+
+    index_entry = adapter_entry(
+        "adalora",
+        Paper("AdaLoRA: Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning", "2303.10512"),
+        "rank * (d_out + d_in + 1)",
+        ("tests/adapters/test_adaptive_rank.py", "tests/training/test_schedules.py"),
+        notebooks=("notebooks/10_rank_allocation.py",),
+        peft="peft.AdaLoraConfig",
+        peft_test="tests/adapters/test_adaptive_rank.py",
+        note="trained with its AdaLoRASchedule by default",
+    )
 
     name = "adalora"
     params = _ADAPTIVE_PARAMS
@@ -387,6 +399,16 @@ class SoRA(Adapter):
     N. Ding et al., "Sparse Low-rank Adaptation of Pre-trained Language Models", EMNLP 2023,
     arXiv:2311.11696.
     """
+
+    index_entry = adapter_entry(
+        "sora",
+        Paper("Sparse Low-rank Adaptation of Pre-trained Language Models", "2311.11696"),
+        "rank * (d_out + d_in + 1)",
+        ("tests/adapters/test_adaptive_rank.py", "tests/training/test_schedules.py"),
+        proofs=("proofs/15-sora-proximal-step.md",),
+        notebooks=("notebooks/10_rank_allocation.py",),
+        note="trained with its SoRASchedule by default",
+    )
 
     name = "sora"
     params = schema(_ADAPTIVE_PARAMS, gate_init=Choice("normal", "ones", doc="gate init: N(0, 1) draws or ones"))

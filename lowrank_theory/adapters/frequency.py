@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..linalg import wht
+from ..method_index import Paper, adapter_entry
 from .base import Adapter
 from .loca_locations import (
     LoCA,
@@ -118,6 +119,21 @@ class FourierFT(SpectralPaths, Adapter):
     Z. Gao et al., "Parameter-Efficient Fine-Tuning with Discrete Fourier Transform",
     ICML 2024, arXiv:2405.03003.  PEFT: ``src/peft/tuners/fourierft/layer.py``.
     """
+
+    index_entry = adapter_entry(
+        "fourierft",
+        Paper("Parameter-Efficient Fine-Tuning with Discrete Fourier Transform", "2405.03003"),
+        "n_frequency",
+        (
+            "tests/adapters/test_frequency.py",
+            "tests/adapters/test_peft_fourierft.py",
+            "tests/adapters/test_spectral_dense.py",
+        ),
+        proofs=("proofs/07-loca-idct-vs-idft.md", "proofs/18-spectral-coefficient-gradient.md"),
+        notebooks=("notebooks/01_expressivity.py",),
+        peft="peft.FourierFTConfig",
+        peft_test="tests/adapters/test_peft_fourierft.py",
+    )
 
     name = "fourierft"
     execution_keys: ClassVar[tuple[str, ...]] = ("path",)
@@ -320,6 +336,16 @@ class QWHA(Adapter):
     H. Jeon et al., "QWHA: Quantization-Aware Walsh-Hadamard Adaptation for Parameter-Efficient
     Fine-Tuning on Large Language Models", arXiv:2509.17428 (2025); code github.com/vantaa89/qwha.
     """
+
+    index_entry = adapter_entry(
+        "qwha",
+        Paper(("QWHA: Quantization-Aware Walsh-Hadamard Adaptation for Parameter-Efficient Fine-Tuning on Large "
+               "Language Models"), "2509.17428"),
+        "n_frequency",
+        ("tests/adapters/test_frequency.py",),
+        proofs=("proofs/13-walsh-hadamard.md", "proofs/06-best-c-term.md"),
+        notebooks=("notebooks/01_expressivity.py",),
+    )
 
     name = "qwha"
     #: The base weight from_weight returns is already quantized (inject packs it without a second rounding).

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..linalg import derive_seed, ldu, random_basis
+from ..method_index import Paper, adapter_entry
 from .base import Adapter, check_rank, check_sizes
 from .params import Float, Int, Seed, schema
 from .registry import register
@@ -82,6 +83,17 @@ class LoLDU(Adapter):
     Y. Shi, J. Wei, Y. Wu, R. Ran, C. Sun, S. He, Y. Yang, "LoLDU: Low-Rank Adaptation via
     Lower-Diag-Upper Decomposition for Parameter-Efficient Fine-Tuning", arXiv:2410.13618.
     """
+
+    index_entry = adapter_entry(
+        "loldu",
+        Paper(
+            "LoLDU: Low-Rank Adaptation via Lower-Diag-Upper Decomposition for Parameter-Efficient Fine-Tuning",
+            "2410.13618"),
+        "rank + 1",
+        ("tests/adapters/test_ldu_adapter.py",),
+        proofs=("proofs/12-ldu-leading-minors.md",),
+        notebooks=("notebooks/01_expressivity.py",),
+    )
 
     name = "loldu"
     params = schema(rank=Int(1), alpha=Float(doc="sigma starts at alpha / rank"),

@@ -40,6 +40,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .. import backend
+from ..method_index import Paper, adapter_entry
 from .base import Adapter
 from .params import Choice, Float, Int, Seed, Tensor, schema
 from .registry import register
@@ -413,6 +414,26 @@ class LoCA(SpectralPaths, Adapter):
     Z. Du et al., "LoCA: Location-Aware Cosine Adaptation for Parameter-Efficient
     Fine-Tuning", ICLR 2025, arXiv:2502.06820.
     """
+
+    index_entry = adapter_entry(
+        "loca",
+        Paper("LoCA: Location-Aware Cosine Adaptation for Parameter-Efficient Fine-Tuning", "2502.06820"),
+        "n_frequency",
+        (
+            "tests/adapters/test_loca_locations.py",
+            "tests/adapters/test_frequency.py",
+            "tests/adapters/test_spectral_dense.py",
+        ),
+        proofs=(
+            "proofs/07-loca-idct-vs-idft.md",
+            "proofs/08-frequency-vs-lowrank-regimes.md",
+            "proofs/06-best-c-term.md",
+            "proofs/17-dct-orthonormal.md",
+            "proofs/18-spectral-coefficient-gradient.md",
+        ),
+        notebooks=("notebooks/01_expressivity.py", "notebooks/02_loca_regimes.py"),
+        peft="none (its PEFT peer in benchmarks and tests is peft.FourierFTConfig at the same budget)",
+    )
 
     name = "loca"
     execution_keys: ClassVar[tuple[str, ...]] = ("path",)

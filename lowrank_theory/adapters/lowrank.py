@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..linalg import randomized_svd, truncated_svd
+from ..method_index import Paper, adapter_entry
 from .base import Adapter, check_rank, check_weight
 from .fused import fusable, lora_linear
 from .params import Bool, Float, Int, Seed, schema
@@ -73,6 +74,26 @@ class LoRA(Adapter):
     E. Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", arXiv:2106.09685.
     D. Kalajdzievski, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA", arXiv:2312.03732.
     """
+
+    index_entry = adapter_entry(
+        "lora",
+        Paper("LoRA: Low-Rank Adaptation of Large Language Models", "2106.09685"),
+        "rank * (d_out + d_in)",
+        ("tests/adapters/test_lora.py", "tests/adapters/test_fused.py", "tests/training/test_peft_format.py"),
+        proofs=("proofs/01-eckart-young-mirsky.md",),
+        notebooks=(
+            "notebooks/01_expressivity.py",
+            "notebooks/02_loca_regimes.py",
+            "notebooks/03_gradient_approximation.py",
+            "notebooks/05_computational_limits.py",
+            "notebooks/06_lora_squeeze.py",
+            "notebooks/07_random_bases.py",
+            "notebooks/08_lr_sensitivity.py",
+        ),
+        peft="peft.LoraConfig (rsLoRA: use_rslora=True)",
+        peft_test="tests/training/test_peft_format.py",
+        note="rslora=True scales by alpha/sqrt(rank) (rsLoRA, arXiv:2312.03732)",
+    )
 
     name = "lora"
     params = LORA_PARAMS
@@ -184,6 +205,19 @@ class PiSSA(LoRA):
     Adaptation of Large Language Models", arXiv:2404.02948.
     """
 
+    index_entry = adapter_entry(
+        "pissa",
+        Paper(
+            "PiSSA: Principal Singular Values and Singular Vectors Adaptation of Large Language Models",
+            "2404.02948"),
+        "rank * (d_out + d_in)",
+        ("tests/adapters/test_lowrank_family.py",),
+        proofs=("proofs/01-eckart-young-mirsky.md", "proofs/02-randomized-range-finder.md"),
+        notebooks=("notebooks/08_lr_sensitivity.py",),
+        peft="peft.LoraConfig(init_lora_weights='pissa')",
+        peft_test="tests/adapters/test_lowrank_family.py",
+    )
+
     name = "pissa"
 
     @classmethod
@@ -265,6 +299,14 @@ class MiLoRA(PiSSA):
     H. Wang et al., "MiLoRA: Harnessing Minor Singular Components for Parameter-Efficient
     LLM Finetuning", arXiv:2406.09044.
     """
+
+    index_entry = adapter_entry(
+        "milora",
+        Paper("MiLoRA: Harnessing Minor Singular Components for Parameter-Efficient LLM Finetuning", "2406.09044"),
+        "rank * (d_out + d_in)",
+        ("tests/adapters/test_lowrank_family.py",),
+        proofs=("proofs/01-eckart-young-mirsky.md", "proofs/02-randomized-range-finder.md"),
+    )
 
     name = "milora"
 

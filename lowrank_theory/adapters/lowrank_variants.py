@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..linalg import complement_projector, truncated_svd
+from ..method_index import Paper, adapter_entry
 from .base import Adapter, check_rank, check_weight
 from .lowrank import LORA_PARAMS, _check_dropout, _check_matrix_weight, _generator, _kaiming_rows, lora_scale
 from .params import Instance, Int, Tensor, schema
@@ -60,6 +61,16 @@ class BlockLoRA(Adapter):
     C. Zhou et al., "One Head Eight Arms: Block Matrix based Low Rank Adaptation for
     CLIP-based Few-Shot Learning", arXiv:2501.16720.
     """
+
+    index_entry = adapter_entry(
+        "block_lora",
+        Paper(
+            "One Head Eight Arms: Block Matrix based Low Rank Adaptation for CLIP-based Few-Shot Learning",
+            "2501.16720"),
+        "rank * d_out + (rank // num_blocks) * d_in",
+        ("tests/adapters/test_lowrank_family.py",),
+        proofs=("proofs/05-block-lora-rank.md",),
+    )
 
     name = "block_lora"
     params = schema(LORA_PARAMS, without=["rslora"], num_blocks=Int(1, doc="k, the number of blocks; must divide rank"))
@@ -140,6 +151,13 @@ class CompLoRA(Adapter):
     Z. Wang et al., "Complementary Subspace Low-Rank Adaptation of Vision-Language Models for
     Few-Shot Classification" (seed abstract in ``shared/seeds``).
     """
+
+    index_entry = adapter_entry(
+        "comp_lora",
+        Paper("Complementary Subspace Low-Rank Adaptation of Vision-Language Models for Few-Shot Classification"),
+        "rank * (d_out + d_in)",
+        ("tests/adapters/test_lowrank_family.py",),
+    )
 
     name = "comp_lora"
     params = schema(LORA_PARAMS, basis=Tensor(doc="orthonormal columns U_k (d_out, k) of the protected subspace"))
@@ -283,6 +301,14 @@ class S2LoRA(Adapter):
     W. Liu, Y. Qin, Z. Peng, T. Lee, "Sparsely Shared LoRA on Whisper for Child Speech
     Recognition", arXiv:2309.11756.
     """
+
+    index_entry = adapter_entry(
+        "s2_lora",
+        Paper("Sparsely Shared LoRA on Whisper for Child Speech Recognition", "2309.11756"),
+        "rank * (d_out + d_in) + rank",
+        ("tests/adapters/test_lowrank_family.py",),
+        note="B, A shared by all layers: the count is per layer as if it owned them",
+    )
 
     name = "s2_lora"
     params = schema(LORA_PARAMS, without=["rslora"],

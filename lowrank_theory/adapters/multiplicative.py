@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .. import backend
+from ..method_index import Paper, adapter_entry
 from .base import Adapter, check_rank, check_weight
 from .fused import fusable, lora_linear
 from .lowrank import _SEED_DOC, LORA_PARAMS, lora_scale
@@ -98,6 +99,17 @@ class DoRA(Adapter):
     ----------
     S.-Y. Liu et al., "DoRA: Weight-Decomposed Low-Rank Adaptation", arXiv:2402.09353.
     """
+
+    index_entry = adapter_entry(
+        "dora",
+        Paper("DoRA: Weight-Decomposed Low-Rank Adaptation", "2402.09353"),
+        "rank * (d_out + d_in) + d_out",
+        ("tests/adapters/test_multiplicative.py", "tests/adapters/test_peft_dora.py", "tests/adapters/test_fused.py"),
+        proofs=("proofs/14-dora-row-norm.md",),
+        notebooks=("notebooks/08_lr_sensitivity.py",),
+        peft="peft.LoraConfig(use_dora=True)",
+        peft_test="tests/adapters/test_peft_dora.py",
+    )
 
     name = "dora"
     needs_base = True
@@ -293,6 +305,13 @@ class SSF(Adapter):
     Efficient Model Tuning", arXiv:2210.08823.
     """
 
+    index_entry = adapter_entry(
+        "ssf",
+        Paper("Scaling & Shifting Your Features: A New Baseline for Efficient Model Tuning", "2210.08823"),
+        "2 * d_out",
+        ("tests/adapters/test_multiplicative.py",),
+    )
+
     name = "ssf"
     needs_base = True
     multiplicative = True
@@ -397,6 +416,15 @@ class HUT(Adapter):
     G. Zhang, X. Zhou, C. Chen, "HUT: A More Computation Efficient Fine-Tuning Method With
     Hadamard Updated Transformation", arXiv:2409.13501.
     """
+
+    index_entry = adapter_entry(
+        "hut",
+        Paper(
+            "HUT: A More Computation Efficient Fine-Tuning Method With Hadamard Updated Transformation",
+            "2409.13501"),
+        "rank * (d_out + d_in)",
+        ("tests/adapters/test_multiplicative.py",),
+    )
 
     name = "hut"
     execution_keys: ClassVar[tuple[str, ...]] = ("path",)

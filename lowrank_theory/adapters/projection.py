@@ -20,6 +20,7 @@ from torch import nn
 
 from ..linalg.projections import IsometricProjection, isometric_projection
 from ..linalg.random import derive_seed
+from ..method_index import Paper, adapter_entry
 from .base import Adapter, check_rank
 from .params import Choice, Float, Instance, Int, Seed, schema
 from .registry import register
@@ -250,6 +251,18 @@ class UniLoRA(Adapter):
     K. Li, S. Han, Q. Su, W. Li, Z. Cai, S. Ji, "Uni-LoRA: One Vector is All You Need",
     arXiv:2506.00799.
     """
+
+    index_entry = adapter_entry(
+        "unilora",
+        Paper("Uni-LoRA: One Vector is All You Need", "2506.00799"),
+        "d",
+        ("tests/adapters/test_projection.py", "tests/adapters/test_peft_random.py"),
+        proofs=("proofs/09-unilora-isometry.md",),
+        notebooks=("notebooks/01_expressivity.py", "notebooks/07_random_bases.py"),
+        peft="peft.UniLoraConfig",
+        peft_test="tests/adapters/test_peft_random.py",
+        note="one vector θ_d shared by all layers: d counts it once",
+    )
 
     name = "unilora"
     identity_at_init = False

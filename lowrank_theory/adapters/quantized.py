@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from ..linalg import lowrank_plus_quantized
+from ..method_index import Paper, adapter_entry
 from .base import check_weight
 from .lowrank import LoRA
 from .params import Choice, Float, Int, Seed, schema
@@ -73,6 +74,17 @@ class LQLoRA(LoRA):
     H. Guo, P. Greengard, E. P. Xing, Y. Kim, "LQ-LoRA: Low-rank plus Quantized Matrix
     Decomposition for Efficient Language Model Finetuning", arXiv:2311.12023.
     """
+
+    index_entry = adapter_entry(
+        "lq_lora",
+        Paper(
+            "LQ-LoRA: Low-rank plus Quantized Matrix Decomposition for Efficient Language Model Finetuning",
+            "2311.12023"),
+        "rank * (d_out + d_in)",
+        ("tests/adapters/test_sparse_quantized.py",),
+        proofs=("proofs/02-randomized-range-finder.md",),
+        peft="none (peft.LoftQConfig is a related, different initialization)",
+    )
 
     name = "lq_lora"
     identity_at_init = False

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ..linalg.random import derive_seed, random_basis
+from ..method_index import Paper, adapter_entry
 from .base import Adapter, check_rank
 from .params import Bool, Choice, Float, Int, Seed, Shape2, schema
 from .registry import register
@@ -196,6 +197,16 @@ class VeRA(Adapter):
     arXiv:2310.11454.
     """
 
+    index_entry = adapter_entry(
+        "vera",
+        Paper("VeRA: Vector-based Random Matrix Adaptation", "2310.11454"),
+        "d_out + rank",
+        ("tests/adapters/test_random_basis.py", "tests/adapters/test_peft_random.py"),
+        notebooks=("notebooks/01_expressivity.py", "notebooks/07_random_bases.py"),
+        peft="peft.VeraConfig",
+        peft_test="tests/adapters/test_peft_random.py",
+    )
+
     name = "vera"
     params = schema(
         rank=Int(1, doc="r, the inner dimension of the shared pair (may exceed min(d_out, d_in))"),
@@ -289,6 +300,14 @@ class NOLA(Adapter):
     S. A. Koohpayegani, K. L. Navaneet, P. Nooralinejad, S. Kolouri, H. Pirsiavash,
     "NOLA: Compressing LoRA using Linear Combination of Random Basis", arXiv:2310.02556.
     """
+
+    index_entry = adapter_entry(
+        "nola",
+        Paper("NOLA: Compressing LoRA using Linear Combination of Random Basis", "2310.02556"),
+        "num_basis_a + num_basis_b",
+        ("tests/adapters/test_random_basis.py",),
+        notebooks=("notebooks/01_expressivity.py", "notebooks/07_random_bases.py"),
+    )
 
     name = "nola"
     params = schema(
@@ -409,6 +428,17 @@ class RandLoRA(Adapter):
     E. Abbasnejad, "RandLoRA: Full-rank parameter-efficient fine-tuning of large models",
     arXiv:2502.00987.
     """
+
+    index_entry = adapter_entry(
+        "randlora",
+        Paper("RandLoRA: Full-rank parameter-efficient fine-tuning of large models", "2502.00987"),
+        "ceil(min(d_out, d_in) / rank) * (rank + min(d_out, d_in))",
+        ("tests/adapters/test_random_basis.py", "tests/adapters/test_peft_random.py"),
+        proofs=("proofs/10-randlora-full-rank.md",),
+        notebooks=("notebooks/01_expressivity.py", "notebooks/07_random_bases.py"),
+        peft="peft.RandLoraConfig",
+        peft_test="tests/adapters/test_peft_random.py",
+    )
 
     name = "randlora"
     params = schema(

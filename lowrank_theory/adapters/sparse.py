@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..linalg import derive_seed
+from ..method_index import Paper, adapter_entry
 from .lowrank import LORA_PARAMS, LoRA
 from .params import Choice, Float, Seed, schema
 from .registry import register
@@ -82,6 +83,16 @@ class SLTrain(LoRA):
     A. Han, J. Li, W. Huang, M. Hong, A. Takeda, P. Jawanpuria, B. Mishra, "SLTrain: a sparse plus
     low-rank approach for parameter and memory efficient pretraining", arXiv:2406.02214.
     """
+
+    index_entry = adapter_entry(
+        "sltrain",
+        Paper(
+            "SLTrain: a sparse plus low-rank approach for parameter and memory efficient pretraining",
+            "2406.02214"),
+        "rank * (d_out + d_in) + floor(density * d_out * d_in * (1 + 1e-12))",
+        ("tests/adapters/test_sparse_quantized.py",),
+        notebooks=("notebooks/01_expressivity.py",),
+    )
 
     name = "sltrain"
     params = schema(

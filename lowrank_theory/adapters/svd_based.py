@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..linalg import derive_seed, random_basis, truncated_svd
+from ..method_index import Paper, adapter_entry
 from .base import Adapter, check_rank, check_sizes, check_weight
 from .params import Float, Int, Seed, schema
 from .registry import register
@@ -151,6 +152,15 @@ class LoRAXS(_FrozenFramesCore):
     Number of Parameters", arXiv:2405.17604.
     """
 
+    index_entry = adapter_entry(
+        "lora_xs",
+        Paper("LoRA-XS: Low-Rank Adaptation with Extremely Small Number of Parameters", "2405.17604"),
+        "rank ** 2",
+        ("tests/adapters/test_svd_based.py",),
+        proofs=("proofs/04-lorasb-subspace.md",),
+        notebooks=("notebooks/01_expressivity.py", "notebooks/04_lorasb_init.py"),
+    )
+
     name = "lora_xs"
     params = schema(rank=Int(1), alpha=Float(none_ok=True, doc="scale numerator; None means alpha = rank"),
                     seed=Seed(doc="seed of the frozen orthonormal frames"))
@@ -237,6 +247,16 @@ class LoRASB(_FrozenFramesCore):
     using Update Approximation is a Silver Bullet for Extremely Efficient Low-Rank Fine-Tuning",
     arXiv:2411.19557.
     """
+
+    index_entry = adapter_entry(
+        "lora_sb",
+        Paper(("Initialization using Update Approximation is a Silver Bullet for Extremely Efficient Low-Rank "
+               "Fine-Tuning"), "2411.19557"),
+        "rank ** 2",
+        ("tests/adapters/test_svd_based.py",),
+        proofs=("proofs/04-lorasb-subspace.md", "proofs/01-eckart-young-mirsky.md"),
+        notebooks=("notebooks/03_gradient_approximation.py", "notebooks/04_lorasb_init.py"),
+    )
 
     name = "lora_sb"
     params = schema(rank=Int(1), seed=Seed(doc="seed of the frozen orthonormal frames"))
@@ -350,6 +370,17 @@ class SVFit(Adapter):
     C. Sun, J. Wei, Y. Wu, Y. Shi, S. He, Z. Ma, N. Xie, Y. Yang, "SVFit: Parameter-Efficient
     Fine-Tuning of Large Pre-Trained Models Using Singular Values", arXiv:2409.05926.
     """
+
+    index_entry = adapter_entry(
+        "svfit",
+        Paper(
+            "SVFit: Parameter-Efficient Fine-Tuning of Large Pre-Trained Models Using Singular Values",
+            "2409.05926"),
+        "rank",
+        ("tests/adapters/test_svd_based.py",),
+        proofs=("proofs/01-eckart-young-mirsky.md",),
+        notebooks=("notebooks/01_expressivity.py",),
+    )
 
     name = "svfit"
     params = schema(rank=Int(1), seed=Seed(doc="seed of the frozen orthonormal frames"))

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..linalg.tucker import tucker_to_tensor
+from ..method_index import Paper, adapter_entry
 from .base import Adapter, check_sizes
 from .conv import ConvGeometry, conv2d_delta
 from .params import Float, Int, IntOrInts, Seed, schema
@@ -181,6 +182,16 @@ class FLoRA(_TuckerUpdate):
     Parameter Efficient Fine-tuning"), arXiv:2405.14739.
     """
 
+    index_entry = adapter_entry(
+        "flora",
+        Paper("FLoRA: Low-Rank Core Space for N-dimension", "2405.14739"),
+        "r1 * r2 + d_out * r1 + d_in * r2",
+        ("tests/adapters/test_tensor.py",),
+        where=(("r1", "min(ranks, d_out)"), ("r2", "min(ranks, d_in)")),
+        proofs=("proofs/11-hosvd-quasi-optimality.md",),
+        notebooks=("notebooks/01_expressivity.py",),
+    )
+
     name = "flora"
     _labels = ("d_out", "d_in")
     params = schema(ranks=IntOrInts(1, doc="core shape (r1, r2), an int is clipped to each side"),
@@ -245,6 +256,21 @@ class FLoRAConv2d(_TuckerUpdate):
     ----------
     C. Si et al., "FLoRA: Low-Rank Core Space for N-dimension", arXiv:2405.14739.
     """
+
+    index_entry = adapter_entry(
+        "flora_conv2d",
+        Paper("FLoRA: Low-Rank Core Space for N-dimension", "2405.14739"),
+        "ro * ri * rh * rw + d_out * ro + d_in * ri + kernel_size * (rh + rw)",
+        ("tests/adapters/test_tensor.py",),
+        where=(
+            ("ro", "min(ranks, d_out)"),
+            ("ri", "min(ranks, d_in)"),
+            ("rh", "min(ranks, kernel_size)"),
+            ("rw", "min(ranks, kernel_size)"),
+        ),
+        proofs=("proofs/11-hosvd-quasi-optimality.md",),
+        note="for nn.Conv2d; kernel_size is one int here",
+    )
 
     name = "flora_conv2d"
     _labels = ("d_out", "d_in", "kh", "kw")
@@ -359,6 +385,17 @@ class TLoRA(Adapter):
     Tensor Decomposition and Its Applications to Text-to-image Models", arXiv:2501.08727.
     I. V. Oseledets, "Tensor-Train Decomposition", SIAM J. Sci. Comput. 33 (2011) 2295–2317.
     """
+
+    index_entry = adapter_entry(
+        "tlora",
+        Paper(
+            "Transformed Low-rank Adaptation via Tensor Decomposition and Its Applications to Text-to-image Models",
+            "2501.08727"),
+        "",
+        ("tests/adapters/test_tensor.py",),
+        note=("parameters: the sizes of the tensor-train cores of ΔT (bond rank transform_rank) and R (bond rank "
+              "residual_rank), n_cores each (adapters.tensor.tt_core_shapes)"),
+    )
 
     name = "tlora"
     needs_base = True
