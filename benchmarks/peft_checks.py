@@ -68,6 +68,7 @@ def _C(name: str, **kw: Any):
     return make
 
 
+IA3_EPS = "unmerge divides by (l + 1e-8): W0 back to ~1e-8 relative, not to round-off"
 F32_INIT = "PEFT refuses to run this init in float64: built in float32, then the model cast to float64"
 
 
@@ -86,14 +87,19 @@ def tuners() -> list[Tuner]:
                      "original W0", F32_INIT]),
         Tuner("OLoRA", _C("LoraConfig", r=4, lora_alpha=4, init_lora_weights="olora"), init_dtype=torch.float32,
               notes=["OLoRA writes W0 - Q R into the base", F32_INIT]),
-        Tuner("AdaLoRA", _C("AdaLoraConfig", init_r=4, target_r=2, total_step=10, lora_alpha=8)),
+        Tuner("AdaLoRA", _C("AdaLoraConfig", init_r=4, target_r=2, total_step=10, lora_alpha=8),
+              notes=["state dict FAIL traced: on a float64/fp16/bf16 base (not float32) PEFT's move of the adapter to "
+                     "the base dtype re-creates `ranknum` with requires_grad=True, so an optimizer trains it (the "
+                     "checker's perturbation moves it) while the checkpoint does not save it"]),
         Tuner("LoHa", _C("LoHaConfig", r=4, alpha=8)),
         Tuner("LoKr", _C("LoKrConfig", r=4, alpha=8)),
         Tuner("VeRA", _C("VeraConfig", r=8)),
         Tuner("PVeRA", _C("PveraConfig", r=8),
               notes=["checked in eval mode: the reparametrized sample is replaced by its mean"]),
         Tuner("FourierFT", _C("FourierFTConfig", n_frequency=16, scaling=10.0), identity_at_init=False,
-              notes=["identity n/a: PEFT's default init_weights=False draws the spectrum from N(0, 1), as the paper"]),
+              notes=["identity n/a: PEFT's default init_weights=False draws the spectrum from N(0, 1), as the paper",
+                     "gradcheck FAIL traced: get_delta_weight builds the dense spectrum in float32 (torch.zeros "
+                     "without dtype) even in a float64 layer"]),
         Tuner("WaveFT", _C("WaveFTConfig", n_frequency=16)),
         Tuner("RandLoRA", _C("RandLoraConfig", r=4)),
         Tuner("VBLoRA", _C("VBLoRAConfig", r=2, num_vectors=16, vector_length=4, topk=2), shapes=BLOCK_SHAPES,
@@ -105,27 +111,45 @@ def tuners() -> list[Tuner]:
         Tuner("MiSS", _C("MissConfig", r=4), shapes=BLOCK_SHAPES),
         Tuner("MiSS (bat)", _C("MissConfig", r=4, init_weights="bat"), shapes=BLOCK_SHAPES),
         Tuner("C3A", lambda m, n: P.C3AConfig(block_size=math.gcd(m, n), init_weights=True), shapes=BLOCK_SHAPES,
-              notes=["init_weights=True, PEFT's zero (no-op) init; its default 'xavier_uniform' is not identity"]),
+              notes=["init_weights=True, PEFT's zero (no-op) init; its default 'xavier_uniform' is not identity",
+                     "the 8e-9 forward / gradcheck FAILs: the circulant ΔW is computed in float32 (c3a_kernel.to("
+                     "torch.float32)) even in a float64 layer"]),
         Tuner("SHiRA", _C("ShiraConfig", r=2)),
-        Tuner("HiRA", _C("HiraConfig", r=4)),
-        Tuner("RoAd", _C("RoadConfig", variant="road_1", group_size=4), shapes=BLOCK_SHAPES),
-        Tuner("IA3 (feedforward)", _C("IA3Config", feedforward_modules=["lin"])),
-        Tuner("IA3", _C("IA3Config", feedforward_modules=[])),
+        Tuner("HiRA", _C("HiraConfig", r=4),
+              notes=["HiRA keeps a copy of W0 at merge and unmerge copies it back, so W0 is restored exactly even "
+                     "after the adapter changed (the check still fails: it asks for a ValueError)"]),
+        Tuner("RoAd", _C("RoadConfig", variant="road_1", group_size=4), shapes=BLOCK_SHAPES,
+              notes=["unmerge inverts the rotation in float32 (torch.linalg.inv(road_R.to(float32))): W0 back to "
+                     "~6e-8 in a float64 layer"]),
+        Tuner("IA3 (feedforward)", _C("IA3Config", feedforward_modules=["lin"]), notes=[IA3_EPS]),
+        Tuner("IA3", _C("IA3Config", feedforward_modules=[]), notes=[IA3_EPS]),
         Tuner("GLoRA", _C("GloraConfig")),
         Tuner("DeLoRA", _C("DeloraConfig", r=4)),
         Tuner("GraLoRA", _C("GraloraConfig", r=4, gralora_k=2), shapes=BLOCK_SHAPES),
         Tuner("TinyLoRA", _C("TinyLoraConfig")),
         Tuner("UniLoRA", _C("UniLoraConfig"), identity_at_init=False,
               notes=["identity n/a: PEFT's docs say theta_d is drawn from a small uniform range, never zero"]),
-        Tuner("FRoD", _C("FrodConfig")),
-        Tuner("AdaMSS", _C("AdamssConfig")),
-        Tuner("OSF", _C("OSFConfig")),
+        Tuner("FRoD", _C("FrodConfig"),
+              notes=["identity to 4e-8 only: its decomposition is returned in float32 (u.float()) in a float64 layer"]),
+        Tuner("AdaMSS", _C("AdamssConfig"),
+              notes=["half-precision FAIL traced: the layer stores self.dtype at injection and casts x to it, so after "
+                     "the model is cast (model.to(bfloat16)) its forward raises a dtype mismatch"]),
+        Tuner("OSF", _C("OSFConfig"),
+              notes=["PEFT's OSF unmerge only warns ('OSF does not support unmerging'), and merge does not check "
+                     "merged_adapters, so a second merge adds ΔW again"]),
         Tuner("PEANuT", _C("PeanutConfig")),
         Tuner("PSOFT", _C("PsoftConfig", r=4), init_dtype=torch.float32, notes=[F32_INIT]),
         Tuner("SuperTuning", _C("SupertuningConfig")),
-        Tuner("DeFT", _C("DeftConfig")),
-        Tuner("BEFT", _C("BeftConfig")),
-        Tuner("LN Tuning", _C("LNTuningConfig")),
+        Tuner("DeFT", _C("DeftConfig"),
+              notes=["the ~1e-7 FAILs: DeFT computes its projection and update in float32 by design (its comments: "
+                     "'for numerical stability'), also in a float64 layer"]),
+        Tuner("BEFT", _C("BeftConfig"),
+              notes=["BEFT trains a bias only; the forward = dense FAIL is the checker's guard (it asks that the "
+                     "perturbation move W, and BEFT never moves W), not a PEFT defect"]),
+        Tuner("LN Tuning", _C("LNTuningConfig"),
+              notes=["LN Tuning trains a copy of the whole layer and 'merge' swaps it in (PEFT: 'no actual merging, "
+                     "so whether safe_merge is True or False is irrelevant'); half precision raises on the mixed "
+                     "f32-copy / half-input forward"]),
     ]
 
 

@@ -205,14 +205,17 @@ class PeftLayerView(LayerView):
         self.identity_at_init = bool(identity_at_init)
         self.exact_gradient = bool(exact_gradient)
         self.multiplicative = False
-        base = seeded_linear(d_out, d_in, dtype if init_dtype is None else init_dtype, base_seed)
+        with torch.random.fork_rng(devices=[]):  # nn.Linear's constructor draws from the global RNG too
+            base = seeded_linear(d_out, d_in, dtype if init_dtype is None else init_dtype, base_seed)
         # the layer the tuner was built from: identity at init is checked against it, also where PEFT's
         # init rewrites the stored W0 (PiSSA, OLoRA keep the residual there)
         self.initial_weights = (base.weight.detach().clone(), base.bias.detach().clone())
-        with torch.random.fork_rng(devices=[]):
-            if seed is not None:
-                torch.manual_seed(seed)
+        if seed is None:  # PEFT draws from the global RNG as it stands
             self.peft_model = peft.get_peft_model(_OneLinear(base), self.config, autocast_adapter_dtype=False)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                self.peft_model = peft.get_peft_model(_OneLinear(base), self.config, autocast_adapter_dtype=False)
         if init_dtype is not None:
             self.peft_model.to(dtype)
             self.initial_weights = tuple(t.to(dtype) for t in self.initial_weights)
