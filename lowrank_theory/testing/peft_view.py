@@ -91,8 +91,15 @@ def _peft():
     return peft
 
 
+def _check_not_a_class(config: Any) -> None:
+    if isinstance(config, type):
+        raise TypeError(f"config must be a PEFT config instance such as LoraConfig(r=4), got the class "
+                        f"{config.__name__} itself")
+
+
 def _resolve_config(config: ConfigLike, d_out: int, d_in: int):
     peft = _peft()
+    _check_not_a_class(config)
     cfg = config(d_out, d_in) if callable(config) and not isinstance(config, peft.PeftConfig) else config
     if not isinstance(cfg, peft.PeftConfig):
         raise TypeError(f"config must be a peft.PeftConfig (e.g. LoraConfig(r=4)) or a callable (d_out, d_in) -> "
@@ -363,6 +370,7 @@ def peft_factory(config: ConfigLike, *, name: str | None = None, seed: int | Non
     True
     """
     peft = _peft()
+    _check_not_a_class(config)
     if isinstance(config, peft.PeftConfig):
         _resolve_config(config, 1, 1)
     elif not callable(config):

@@ -25,7 +25,7 @@ import torch
 
 peft = pytest.importorskip("peft")
 
-from lowrank_theory.testing import check_adapter, parametrize_with_checks  # noqa: E402
+from lowrank_theory.testing import CHECKS, check_adapter, parametrize_with_checks  # noqa: E402
 from lowrank_theory.testing.checks import perturb_, relerr  # noqa: E402
 from lowrank_theory.testing.peft_view import PeftLayerView, peft_factory  # noqa: E402
 
@@ -132,6 +132,17 @@ def test_negative_control_noop_disable_fails():
     assert r["disable_gives_base"].numbers["unmerged"] > 0.1
 
 
+def test_docs_usage_snippet_runs():
+    """The < 10-line example at the top of docs/peft_checks.md runs as written and reports every check."""
+    text = (ROOT / "docs" / "peft_checks.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    assert len(code.strip().splitlines()) < 10
+    ns: dict = {}
+    exec(compile(code, "docs/peft_checks.md", "exec"), ns)
+    assert len(ns["report"].results) == len(CHECKS)
+    assert ns["report"]["merge_matches_forward"].status == "passed"
+
+
 # ----------------------------------------------------------------------------- (c) the generated table
 def _benchmark():
     spec = importlib.util.spec_from_file_location("peft_checks", ROOT / "benchmarks" / "peft_checks.py")
@@ -172,6 +183,17 @@ def test_non_config_is_a_type_error(bad):
 def test_callable_returning_non_config_is_a_type_error():
     with pytest.raises(TypeError, match="config must be"):
         PeftLayerView(lambda m, n: {"r": 4}, 12, 20)
+
+
+@pytest.mark.parametrize("cls", [peft.LoraConfig, peft.VeraConfig])
+def test_config_class_instead_of_instance_is_a_type_error(cls):
+    with pytest.raises(TypeError, match=f"got the class {cls.__name__}"):
+        peft_factory(cls)
+
+
+def test_config_without_target_modules_is_a_value_error():
+    with pytest.raises(ValueError, match="has no target_modules"):
+        peft_factory(peft.PeftConfig())
 
 
 def test_prompt_learning_config_is_a_value_error():
