@@ -27,7 +27,7 @@ deterministic defaults; only adapter tensors train; the closed-form parameter co
 forward inputs give ``TypeError``/``ValueError`` naming ``x`` and an empty batch works.
 
 :mod:`~lowrank_theory.testing.strategies` has hypothesis strategies for the inputs these checks and the
-theory use; :mod:`~lowrank_theory.testing.peft` presents PEFT's tuners to the same checks.  The library
+theory use; :mod:`~lowrank_theory.testing.peft_view` presents PEFT's tuners to the same checks.  The library
 never imports this package; it is for tests (ours and yours).
 """
 

@@ -8,7 +8,7 @@ A *factory* given to :func:`~lowrank_theory.testing.check_adapter` is called as
 * an :class:`~lowrank_theory.adapters.AdaptedLinear` (for methods whose init reads the weight:
   build the base, call ``from_weight``, wrap) -- used as it is;
 * a :class:`LayerView` -- any other library's layer presented to the checks
-  (:class:`~lowrank_theory.testing.peft.PeftLayerView` does this for PEFT's tuners).
+  (:class:`~lowrank_theory.testing.peft_view.PeftLayerView` does this for PEFT's tuners).
 
 :class:`LayerView` is the contract: the checks call nothing else.
 """
