@@ -185,8 +185,12 @@ def check_unmerge_refuses_changed(s: Subject) -> dict:
     params = list(trainable_tensors(v))
     if not params:
         raise CheckSkipped("the adapter has no trainable tensor to change")
+    # What an optimizer step after merge() does: every trainable tensor moves, by a seeded random step
+    # (a constant shift of one tensor is invisible to some parametrizations, e.g. a skew-symmetric Q - Q^T).
+    gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        params[0].add_(0.5)  # what an optimizer step after merge() does
+        for p in params:
+            p.add_(0.5 * torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype))
     try:
         v.unmerge()
     except ValueError:
