@@ -98,10 +98,10 @@ class _OpCount(TorchDispatchMode):
 # out-of-place index_add, index_put or a slice's backward is one op but two kernels (FourierFT,
 # SLTrain, UniLoRA, QWHA, LoCA); a convolution_backward is one op for two gradients (FLoRA-conv);
 # autograd adds layout copies for leaf gradients of transposed or expanded views (Block-LoRA's
-# summed blocks, HUT's Bᵀ, FLoRA-conv's factor views, SSF's dense ΔW); einsum's permute copies are
+# summed blocks, HUT's and HiRA's Bᵀ, FLoRA-conv's factor views, SSF's dense ΔW); einsum's permute copies are
 # modelled only roughly (TLoRA, FLoRA-conv) and so are the DCT's twiddle and slice kernels (LoCA).
 # Every other method's model launches exactly the ops its code dispatches.
-APPROX_LAUNCHES = {"block_lora", "flora_conv2d", "fourierft", "hut", "loca", "qwha", "sltrain", "ssf", "tlora",
+APPROX_LAUNCHES = {"block_lora", "flora_conv2d", "fourierft", "hira", "hut", "loca", "qwha", "sltrain", "ssf", "tlora",
                    "unilora"}
 
 
