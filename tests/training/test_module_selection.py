@@ -1,6 +1,7 @@
-"""DiffoRA's module selection (``training.module_selection``): the gated output against the dense formula, gradients
-to the gates against the analytic value, the top-k discretization (exactly k, numpy's stable argsort as reference),
-and pruning that leaves the kept layers' outputs bit-identical.  Tolerance: float64's 1e-10 (tests/conftest.py)."""
+"""DiffoRA's module selection (``training.module_selection``; method index name ``diffora``): the gated output
+against the dense formula, gradients to the gates against the analytic value, the top-k discretization (exactly k,
+numpy's stable argsort as reference), and pruning that leaves the kept layers' outputs bit-identical.
+Tolerance: float64's 1e-10 (tests/conftest.py)."""
 
 from __future__ import annotations
 
