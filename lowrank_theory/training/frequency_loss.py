@@ -75,6 +75,11 @@ def _check_image(x: torch.Tensor, name: str) -> torch.Tensor:
     return x
 
 
+def _fft_dtype(x: torch.Tensor) -> torch.Tensor:
+    """x itself, or x in float32 for half precision (torch's FFTs take float32/float64 only on CPU)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _check_pair(pred: torch.Tensor, target: torch.Tensor) -> None:
     _check_image(pred, "pred")
     _check_image(target, "target")
@@ -119,7 +124,7 @@ def high_pass(x: torch.Tensor, cutoff: float = 0.25) -> torch.Tensor:
     r""":math:`H_c x = \mathcal F^{-1}(M \odot \mathcal F x)` over the last two axes; real, same shape and dtype."""
     _check_image(x, "x")
     M = high_pass_mask(x.shape[-2], x.shape[-1], cutoff, device=x.device)
-    return torch.fft.ifft2(torch.fft.fft2(x) * M).real.to(x.dtype)
+    return torch.fft.ifft2(torch.fft.fft2(_fft_dtype(x)) * M).real.to(x.dtype)
 
 
 _SOBEL_H = ((-1.0, 0.0, 1.0), (-2.0, 0.0, 2.0), (-1.0, 0.0, 1.0))
@@ -154,7 +159,8 @@ def high_frequency_loss(pred: torch.Tensor, target: torch.Tensor, *, cutoff: flo
     norm : {"l2", "l1"}
         ``"l2"``: :math:`\frac{1}{N^2}\lVert M\odot\mathcal F(x-y)\rVert^2` per image (= spatial mean square of
         :math:`H_c(x-y)`), computed from the spectrum; ``"l1"``: spatial mean of :math:`|H_c(x-y)|`.
-        Both averaged over the leading axes.
+        Both averaged over the leading axes.  Half-precision inputs are transformed in float32 (the result is
+        returned in the input's dtype).
 
     Raises
     ------
@@ -167,12 +173,12 @@ def high_frequency_loss(pred: torch.Tensor, target: torch.Tensor, *, cutoff: flo
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     H, W = pred.shape[-2:]
     M = high_pass_mask(H, W, cutoff, device=pred.device)
-    D = torch.fft.fft2(pred - target)
+    D = torch.fft.fft2(_fft_dtype(pred - target))
     if norm == "l2":
         energy = (D.abs().square() * M).sum(dim=(-2, -1))
-        return (energy / (H * W) ** 2).mean()
+        return (energy / (H * W) ** 2).mean().to(pred.dtype)
     hp = torch.fft.ifft2(D * M).real
-    return hp.abs().mean()
+    return hp.abs().mean().to(pred.dtype)
 
 
 def edge_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -129,6 +129,23 @@ def test_edge_loss_and_hipa_loss_compose_as_documented():
     np.testing.assert_allclose(hipa_loss(x, y, hf_weight=0.0, spatial=l1).item(), np.mean(np.abs(d)), **TOL)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_lower_precision_matches_float64(dtype):
+    """float32: 2e-4 relative (tests/conftest.py).  Half inputs are transformed in float32 and the result rounded
+    once to the input dtype (bf16: 2^-8 = 4e-3 relative; 1e-2 allowed against the float64 loss of the same rounded
+    inputs); against the unrounded inputs their own rounding adds about as much again (3e-2 allowed)."""
+    x, y = _pair((3, 7, 8), seed=8)
+    ref = high_frequency_loss(x, y).item()
+    xl, yl = x.to(dtype), y.to(dtype)
+    got = high_frequency_loss(xl, yl)
+    assert got.dtype == dtype
+    exact_inputs = high_frequency_loss(xl.double(), yl.double()).item()  # the same rounded inputs, in float64
+    rtol = 2e-4 if dtype == torch.float32 else 1e-2
+    np.testing.assert_allclose(got.float().item(), exact_inputs, rtol=rtol)
+    np.testing.assert_allclose(got.float().item(), ref, rtol=2e-4 if dtype == torch.float32 else 3e-2)
+    assert high_pass(xl).dtype == dtype
+
+
 @pytest.mark.parametrize("norm", ["l2", "l1"])
 def test_gradcheck(norm):
     x, y = _pair((2, 5, 6), seed=6)
