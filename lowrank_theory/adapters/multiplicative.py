@@ -401,6 +401,13 @@ class HUT(Adapter):
     :math:`W_0 + W_0 \odot (sB'A')` is the special case whose first component stays at
     :math:`(\mathbf 1, \mathbf 1)`.  For r = 1, :math:`W' = \operatorname{diag}(b) W_0 \operatorname{diag}(a)`.
 
+    Re-checked (wave2d): the HUT body was again not retrievable (arXiv abstract, the arXiv listing and two
+    summaries only: "a Hadamard product with two low-rank matrices"), so this stays our reading.  The
+    additive residual form is HiRA (ICLR 2025, PEFT ``HiraConfig``: :math:`W_0 + W_0\odot B'A'`, B' = 0 at
+    init), now registered separately as ``"hira"`` (:class:`~lowrank_theory.adapters.hira.HiRA`, a thin
+    subclass): HiRA of rank r is this class at rank r + 1 with its first component frozen, so a plain alias
+    would change the function class; ``tests/adapters/test_hira.py`` checks both maps and PEFT's layer.
+
     **Structured forward.**  :math:`(W_0 \odot \sum_k b_k a_k^\top)x = \sum_k b_k \odot W_0(a_k \odot x)`:
     r products with :math:`W_0` per token, no m×n temporary.  The dense path forms
     :math:`W_0 \odot BA` once per call (:math:`O(rmn)`) and then one product per token.  For T tokens

@@ -401,17 +401,26 @@ def _hut_setup(c):
     return dict(B=g.param((c.m, r)), A=g.param((r, c.n)))
 
 
-def _hut_layer(c, P, x, base_out, W0):
-    """``apply_transformed``: the frozen output is recomputed (and ``base_out`` dropped)."""
+def _hadamard_term(c, P, x, W0):
+    """``HUT.apply_transformed``: x (W0 ⊙ BA)ᵀ, dense or through r products with W0 (HUT and HiRA)."""
     g, r = c.g, P["A"].shape[0]
     if c.path == "dense":
-        y = g.mm(x, _tr(g, g.ew("mul", W0, g.mm(P["B"], P["A"]))))
-    else:
-        xa = g.ew("mul", g.view(x, (c.tokens, 1, c.n)), P["A"])  # (T, r, n)
-        z = g.view(g.mm(g.view(xa, (c.tokens * r, c.n)), _tr(g, W0)), (c.tokens, r, c.m))
-        y = g.reduce("sum", g.ew("mul", z, _tr(g, P["B"])), (c.tokens, c.m))
-    return y if c.bias is None else g.ew("add", y, c.bias, grads="add")
+        return g.mm(x, _tr(g, g.ew("mul", W0, g.mm(P["B"], P["A"]))))
+    xa = g.ew("mul", g.view(x, (c.tokens, 1, c.n)), P["A"])  # (T, r, n)
+    z = g.view(g.mm(g.view(xa, (c.tokens * r, c.n)), _tr(g, W0)), (c.tokens, r, c.m))
+    return g.reduce("sum", g.ew("mul", z, _tr(g, P["B"])), (c.tokens, c.m))
+
+
+def _hut_layer(c, P, x, base_out, W0):
+    """``apply_transformed``: the frozen output is recomputed (and ``base_out`` dropped)."""
+    y = _hadamard_term(c, P, x, W0)
+    return y if c.bias is None else c.g.ew("add", y, c.bias, grads="add")
 
 
 _register("hut", setup=_hut_setup, layer=_hut_layer,
           delta=lambda c, P, W0: c.g.ew("mul", W0, c.g.ew("sub1", c.g.mm(P["B"], P["A"]), grads="linear")))
+
+# HiRA (adapters.hira): the Hadamard term added to the frozen output, ΔW = W0 ⊙ BA
+_register("hira", setup=_hut_setup,
+          layer=lambda c, P, x, base_out, W0: c.g.ew("add", base_out, _hadamard_term(c, P, x, W0), grads="add"),
+          delta=lambda c, P, W0: c.g.ew("mul", W0, c.g.mm(P["B"], P["A"])))

@@ -107,7 +107,7 @@ def _trace(method: str | None, tokens: int, d_in: int, d_out: int, *, merged: bo
     c.bias = b
     model = MODELS[method]
     P = model.setup(c)
-    if path == "dense" and method != "hut":  # HUT's own dense branch is its layer's path="dense"
+    if path == "dense" and method not in ("hut", "hira"):  # HUT's/HiRA's own dense branch: the layer's path
         # (FourierFT's and LoCA's own dense paths are fused layers, returned above)
         dw = g.cast(model.delta(c, P, W0), c.eb)
         d = g.conv2d(x, dw, x.shape[2:]) if conv else g.mm(x, _tr(g, dw))

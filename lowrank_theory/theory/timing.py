@@ -97,10 +97,10 @@ def _time(fn: Callable[[], Any], dev: torch.device, *, repeats: int, warmup: int
     return Timing(min(samples), statistics.median(samples), tuple(samples))
 
 
-#: Methods whose layer has its own ``path="dense"`` (HUT: ``x (W0 ⊙ BA)ᵀ``; FourierFT and LoCA: one
+#: Methods whose layer has its own ``path="dense"`` (HUT, HiRA: ``x (W0 ⊙ BA)ᵀ``; FourierFT and LoCA: one
 #: product with ``W0 + ΔW``, :mod:`lowrank_theory.adapters.spectral_dense`); the others get
 #: :class:`_DenseDelta`.
-OWN_DENSE_PATH = ("hut", "fourierft", "loca")
+OWN_DENSE_PATH = ("hut", "hira", "fourierft", "loca")
 
 
 class _DenseDelta(nn.Module):

@@ -240,6 +240,17 @@ class ALLoRA(torch.optim.Optimizer):
     optimizer with an ``allora`` option (``eta`` hyper-parameter, ``1/sqrt(row_norm + 1/eta**2)``)
     also works per row of the stored matrices.  We could not read the paper's full text here.
 
+    Checked (wave2d, tests/training/test_paper_formulas.py; abstract re-read from arXiv and OpenReview): the
+    SGD step equals the dense :math:`\theta_i - \eta\,g_i/\sqrt{\lVert\theta_i\rVert^2 + 1/\eta_{\mathrm{row}}^2}`
+    on both factors; "per sample" scaling equals the batch step (the coefficient depends on the parameters
+    only, so it commutes with averaging over samples); the coefficient is inversely proportional to the
+    :math:`\ell_2` norm for large rows (:math:`c\lVert\theta_i\rVert \to 1`) and equals
+    :math:`\eta_{\mathrm{row}}` at :math:`\theta_i = 0`; after :func:`prepare_allora` training does not depend
+    on α.  No deviation found.  A third-party optimizer's ``allora`` option uses
+    ``1/sqrt(||row|| + 1/eta**2)`` (unsquared norm, averaged over rows): that is *not* inversely proportional to
+    the norm (:math:`c\lVert\theta\rVert = \sqrt{\lVert\theta\rVert}` for large rows), so it does not
+    match the abstract; we keep the squared norm.
+
     References
     ----------
     H. Huang, R. Balestriero, "ALLoRA: Adaptive Learning Rate Mitigates LoRA Fatal Flaws",

@@ -11,8 +11,9 @@ where :math:`W = W_0 + s\,BA` is the merged weight (m×n), :math:`\hat G = s(B g
 s^2(BB^\top G + GA^\top A)` is the weight change direction of the previous LoRA step (the only
 full-size gradient information LoRA has), and :math:`1/\sqrt n` makes
 :math:`\mathbb E\lVert\varepsilon_{i,:}\rVert^2 = (\sigma\lVert W_{i,:}\rVert + \beta\lVert\hat G_{i,:}\rVert^2)^2`.
-The perturbation adds :math:`x\varepsilon^\top` to the layer output (no gradient flows into it),
-so the factor gradients are those of :math:`L(W_0 + sBA + \varepsilon)`: minimizing the
+The perturbation adds :math:`x\varepsilon^\top` to the layer output (no gradient flows into ε, but
+the gradient does flow through it to x), so the factor gradients of *every* layer are those of
+:math:`L(W_0 + sBA + \varepsilon)`: minimizing the
 expected loss over a neighbourhood sized by the weights and steered by the gradients, which
 favours flat minima (the SAM family) at the cost of one forward per step instead of SAM's two.
 
@@ -29,7 +30,17 @@ and the ``ggpo_sigma`` / ``ggpo_beta`` implementation merged into ``kohya-ss/sd-
 weight, the gradient estimated as ``scale * (B @ g_A + g_B @ A)``.  Differences, our choices:
 exact merged row norms (they use the mean base row norm), and :math:`1/\sqrt{n}` (input size,
 Flat-LoRA's convention) where they use :math:`1/\sqrt{\text{out\_features}}`.  The paper's full text
-(arXiv:2502.14538) could not be read here.
+(arXiv:2502.14538) could not be read here; note that its v2/v3 (abstracts read) are retitled LoRA-MGPO and
+replace the gradient-norm term by optimizer momentum with EMA-normalized magnitudes -- this module is v1's GGPO.
+
+Checked against the paper's formula (tests/training/test_paper_formulas.py, wave2d): the per-row
+scale :math:`\sigma\lVert W_{i,:}\rVert + \beta\lVert\hat G_{i,:}\rVert^2` (the row energy
+:math:`\mathbb E\lVert\varepsilon_{i,:}\rVert^2` is its square), the r×r-Gram norms and the noise's
+determinism match dense references.  One deviation was fixed: the hook used to compute
+:math:`x\varepsilon^\top` under ``no_grad`` on a detached x (as the kohya code does), which drops
+:math:`\varepsilon^\top` from the backward pass into the layers *below*: only the last perturbed layer
+then got the gradient of :math:`L(W+\varepsilon)` this docstring states.  Now x keeps its gradient
+(one more m×n product per layer in backward, and ε is held until backward).
 
 References
 ----------
@@ -171,9 +182,9 @@ class GGPO:
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
             if not module.training or not torch.is_grad_enabled():
                 return output
-            eps = self.perturbation(name)
-            with torch.no_grad():
-                extra = inputs[0].detach() @ eps.to(inputs[0].dtype).T
+            eps = self.perturbation(name)  # a constant: no gradient flows into it
+            # x is not detached: the layers below must see the gradient of L at W + ε too (see the module notes)
+            extra = inputs[0] @ eps.to(inputs[0].dtype).T
             return output + extra.to(output.dtype)
 
         return hook
