@@ -96,6 +96,16 @@ DECLARED: dict[str, MethodEntry] = {e.name: e for e in (
                 tests=("tests/training/test_schedules.py", _T + "test_squeeze.py"), proofs=(_EY, _RSVD),
                 notebooks=(_N + "06_lora_squeeze.py",),
                 extra={"adapter": "lora", "schedule": "lowrank_theory.training.schedules.LoRASqueezeSchedule"}),
+    MethodEntry("hipa", "method", Paper("HiPA: Enabling One-Step Text-to-Image Diffusion Models via "
+                                        "High-Frequency-Promoting Adaptation", "2311.18158"),
+                tests=("tests/training/test_frequency_loss.py",), proofs=(_P + "20-hipa-parseval.md",),
+                extra={"adapter": "lora", "schedule": "lowrank_theory.training.frequency_loss.hipa_loss",
+                       "params": "unchanged (HiPA adds a loss term, no parameter)"}),
+    MethodEntry("diffora", "method", Paper("DiffoRA: Enabling Parameter-Efficient Fine-Tuning via Differential "
+                                           "Module Selection", "2502.08905"),
+                tests=("tests/training/test_module_selection.py",), proofs=(_P + "21-diffora-topk-projection.md",),
+                extra={"adapter": "lora", "schedule": "lowrank_theory.training.module_selection.ModuleGates",
+                       "params": "on the selected modules only, plus one gate per adapted module while searching"}),
     MethodEntry("adamw", "rule", Paper("Decoupled Weight Decay Regularization", "1711.05101"),
                 tests=("tests/training/test_optim.py",), extra={"impl": "torch.optim.AdamW"}),
     MethodEntry("sgd", "rule", Paper("plain stochastic gradient descent (torch.optim.SGD)"),
@@ -235,7 +245,8 @@ def describe(name: str) -> dict[str, Any]:
         cls = adapters.get(e.extra["adapter"])
         sched = _import(e.extra["schedule"])
         out.update(cls=f"{cls.__module__}.{cls.__qualname__} + {e.extra['schedule']}", file=_source_path(sched),
-                   formula=_first_line(sched), params=f"that of {e.extra['adapter']}, changing with the schedule")
+                   formula=_first_line(sched),
+                   params=f"that of {e.extra['adapter']}, " + e.extra.get("params", "changing with the schedule"))
     else:
         impl = e.extra["impl"]
         obj = _import(impl)

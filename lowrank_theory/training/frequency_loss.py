@@ -19,7 +19,7 @@ the last two axes, ``torch.fft.fft2``):
 * ``norm="l2"``: :math:`L_{hf}(x, y) = \frac{1}{N}\,\lVert M \odot \mathcal F(x-y)\rVert^2 / N` per image,
   averaged over the leading axes -- computed in the frequency domain; it equals the spatial mean square
   :math:`\frac1N\lVert H_c(x-y)\rVert^2 = \frac1N (x-y)^\top P_c (x-y)` with :math:`P_c` an orthogonal
-  projector (Parseval; ``proofs/wave2d-hipa-parseval.md``);
+  projector (Parseval; ``proofs/20-hipa-parseval.md``);
 * ``norm="l1"``: :math:`\frac1N \lVert H_c(x-y)\rVert_1` (spatial; no Parseval identity for it);
 * edge term: :math:`L_{edge} = \frac{1}{2N}\lVert S_h(x-y)\rVert_1 + \frac{1}{2N}\lVert S_v(x-y)\rVert_1`
   with the 3×3 Sobel operators applied with zero padding ("edge information" of the paper).

@@ -24,7 +24,7 @@ softmax Jacobian.  Search is bi-level in the paper (gates on held-out data, adap
 
 Discretization: :func:`top_k` keeps exactly k modules, the k largest gates, ties to the earlier module (a
 stable sort), so the selection is deterministic -- the k-hot vector nearest to the gates in Euclidean distance
-(``proofs/wave2d-diffora-topk-projection.md``); :func:`keep_only` then puts the original module back in place
+(``proofs/21-diffora-topk-projection.md``); :func:`keep_only` then puts the original module back in place
 of every other adapted layer (merged ones unmerged first) and leaves the kept layers -- their adapters, their
 outputs -- untouched; :func:`select_and_prune` does both.
 
@@ -168,7 +168,7 @@ class ModuleGates(nn.Module):
         r"""The names of the k modules with the largest gates, largest first.
 
         Ranked by the logits: both relaxations are strictly increasing in each logit, so this is the top-k of
-        the gates in exact arithmetic (``proofs/wave2d-diffora-topk-projection.md``) and stays right where float32
+        the gates in exact arithmetic (``proofs/21-diffora-topk-projection.md``) and stays right where float32
         gates saturate (:math:`\sigma(20) = \sigma(30) = 1` in float32).
         """
         return [self.names[i] for i in top_k(self.logits.detach(), k)]

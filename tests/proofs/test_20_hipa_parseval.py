@@ -1,4 +1,4 @@
-"""Check of proofs/wave2d-hipa-parseval.md: HiPA's spectral high-frequency loss is (1/N) dᵀ P d with P the real
+"""Check of proofs/20-hipa-parseval.md: HiPA's spectral high-frequency loss is (1/N) dᵀ P d with P the real
 orthogonal projector of a point-symmetric mask, and its gradient is (2/N) P d.
 
 The library's ``high_pass`` builds P column by column (independent of the loss's own frequency-domain formula);

@@ -1,4 +1,4 @@
-"""Check of proofs/wave2d-diffora-topk-projection.md: DiffoRA's top-k discretization is the nearest k-hot selection
+"""Check of proofs/21-diffora-topk-projection.md: DiffoRA's top-k discretization is the nearest k-hot selection
 (brute force over all k-sets), it does not depend on the relaxation or the temperature, and the relaxed model at a
 k-hot gate vector is the pruned model.  Negative controls: a threshold rule, a non-monotone score, float32 saturation.
 Tolerance: float64's 1e-10 (tests/conftest.py)."""
