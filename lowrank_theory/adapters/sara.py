@@ -229,13 +229,13 @@ class SaRA(Adapter):
 
     def delta_weight(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
         dense = torch.zeros(self.d_out * self.d_in, dtype=self.values.dtype, device=self.values.device)
-        return dense.index_add(0, self.flat_indices(), self.values).view(self.d_out, self.d_in)
+        return dense.index_add_(0, self.flat_indices(), self.values).view(self.d_out, self.d_in)
 
     def forward(self, x: torch.Tensor, base_weight: torch.Tensor | None = None) -> torch.Tensor:
         self._check_input(x)
         gathered = x.index_select(-1, self.cols) * self.values.to(x.dtype)
         out = torch.zeros(*x.shape[:-1], self.d_out, dtype=x.dtype, device=x.device)
-        return out.index_add(-1, self.rows, gathered)
+        return out.index_add_(-1, self.rows, gathered)  # in place into fresh zeros: two kernels, no copy
 
     # ------------------------------------------------------------------ nuclear norm
     def nuclear_norm_penalty(self) -> torch.Tensor:
