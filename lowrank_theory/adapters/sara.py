@@ -172,6 +172,7 @@ class SaRA(Adapter):
         "floor(fraction * d_out * d_in * (1 + 1e-12))",
         ("tests/adapters/test_sara.py",),
         proofs=("proofs/wave2a-nuclear-prox.md",),
+        notebooks=("notebooks/wave2a_sparse_tuning.py",),
     )
 
     name = "sara"

@@ -37,7 +37,11 @@ from ..adapters.sara import sara_support, sara_support_size
 from ..linalg import derive_seed
 from ._minilm import minilm
 
-__all__ = ["SENTENCES", "embed", "run", "verdict", "zero_entries"]
+__all__ = ["SCALES", "SENTENCES", "embed", "plot", "run", "run_scale", "verdict", "zero_entries"]
+
+#: quick: what the tests and CI run (~10 s of CPU); full: the figure (more fractions, three random seeds)
+SCALES = {"quick": dict(fractions=(0.1, 0.2), seeds=(0,)),
+          "full": dict(fractions=(0.02, 0.05, 0.1, 0.15, 0.2, 0.3), seeds=(0, 1, 2))}
 
 #: A fixed batch of plain sentences (topics mixed so the embeddings are spread).
 SENTENCES = (
@@ -145,3 +149,29 @@ def verdict(rows: list[dict], fraction: float) -> str:
     if s < 0.5 * r:
         return "partly"
     return "not"
+
+
+def run_scale(scale: str = "quick", **kw) -> list[dict]:
+    """:func:`run` at the sizes of ``SCALES[scale]`` (``kw`` override them)."""
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {sorted(SCALES)}, got {scale!r}")
+    return run(**{**SCALES[scale], **kw})
+
+
+def plot(rows: list[dict], path) -> list:
+    """Relative embedding change against the zeroed fraction, one line per mode (random: mean over seeds)."""
+    from ._plot import plt, save, styles
+
+    fig, ax = plt.subplots(figsize=(5.6, 4.0), layout="constrained")
+    modes = [m for m in ("smallest", "random", "largest") if any(r["mode"] == m for r in rows)]
+    sty = styles(modes)
+    for mode in modes:
+        fs = sorted({r["fraction"] for r in rows if r["mode"] == mode})
+        ys = [float(np.mean([r["rel_change"] for r in rows if r["mode"] == mode and r["fraction"] == f])) for f in fs]
+        ax.plot([100 * f for f in fs], ys, label=f"zero the {mode} |w|" if mode != "random" else "zero random entries",
+                **sty[mode])
+    ax.set_xlabel("fraction of each encoder weight zeroed (%)")
+    ax.set_ylabel("relative change of sentence embeddings")
+    ax.set_title("SaRA's premise on all-MiniLM-L6-v2", fontsize=9)
+    ax.legend(fontsize=8)
+    return save(fig, path)
