@@ -72,18 +72,26 @@ def _linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layer." in f".{n}"]
 
 
-def zero_entries(W: torch.Tensor, fraction: float, mode: str, seed: int = 0) -> torch.Tensor:
-    """Flat indices of the entries of ``W`` to zero: ``smallest`` / ``largest`` magnitudes or ``random`` (seeded)."""
+def zero_entries(W: torch.Tensor, fraction: float, mode: str, seed: int = 0,
+                 order: torch.Tensor | None = None) -> torch.Tensor:
+    """Sorted flat indices of the entries of ``W`` to zero: ``smallest`` / ``largest`` magnitudes or ``random``.
+
+    ``smallest`` is SaRA's support (:func:`~lowrank_theory.adapters.sara.sara_support`: ties by flat index);
+    ``largest`` the last k of the same stable ascending order; ``random`` uniform without replacement from ``seed``.
+    ``order`` -- the stable ascending argsort of ``|W|`` (float64), when the caller already has it.
+    """
     k = sara_support_size(W.shape[0], W.shape[1], fraction)
-    if mode == "smallest":
-        return sara_support(W, k)[0]
-    if mode == "largest":
-        order = torch.argsort(W.detach().abs().reshape(-1).double(), descending=True, stable=True)
-        return torch.sort(order[:k]).values
     if mode == "random":
         rng = np.random.default_rng(seed)
         return torch.from_numpy(np.sort(rng.choice(W.numel(), size=k, replace=False)))
-    raise ValueError(f"mode must be 'smallest', 'largest' or 'random', got {mode!r}")
+    if mode not in ("smallest", "largest"):
+        raise ValueError(f"mode must be 'smallest', 'largest' or 'random', got {mode!r}")
+    if order is None:
+        if mode == "smallest":
+            return sara_support(W, k)[0]
+        order = torch.argsort(W.detach().to(torch.float64).abs().reshape(-1), stable=True)
+    picked = order[:k] if mode == "smallest" else order[order.numel() - k:]
+    return torch.sort(picked).values
 
 
 @torch.no_grad()
@@ -111,6 +119,7 @@ def run(fractions=(0.1, 0.2), modes=("smallest", "random", "largest"), seeds=(0,
     model = model.to(dtype)
     ref = embed(model, tok, texts)
     original = {n: m.weight.detach().clone() for n, m in _linears(model)}
+    orders = {n: torch.argsort(W.to(torch.float64).abs().reshape(-1), stable=True) for n, W in original.items()}
     rows = []
     for mode in modes:
         for f in fractions:
@@ -118,7 +127,7 @@ def run(fractions=(0.1, 0.2), modes=("smallest", "random", "largest"), seeds=(0,
                 removed, total = 0.0, 0.0
                 for n, m in _linears(model):
                     W = original[n]
-                    idx = zero_entries(W, f, mode, derive_seed(seed, n))
+                    idx = zero_entries(W, f, mode, derive_seed(seed, n), order=orders[n])
                     Wz = W.clone().reshape(-1)
                     removed += float(Wz[idx].pow(2).sum())
                     total += float(W.pow(2).sum())

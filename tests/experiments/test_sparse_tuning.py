@@ -56,6 +56,9 @@ def test_zeroing_uses_sara_support_and_controls_are_disjoint():
     large = sparse_tuning.zero_entries(W, 0.1, "largest")
     rand = sparse_tuning.zero_entries(W, 0.1, "random", seed=3)
     assert torch.equal(small, sara_support(W, 60)[0])
+    order = torch.argsort(W.abs().reshape(-1), stable=True)  # the precomputed-order path gives the same sets
+    assert torch.equal(sparse_tuning.zero_entries(W, 0.1, "smallest", order=order), small)
+    assert torch.equal(sparse_tuning.zero_entries(W, 0.1, "largest", order=order), large)
     assert len(small) == len(large) == len(rand) == 60
     assert not set(small.tolist()) & set(large.tolist())
     assert W.abs().reshape(-1)[large].min() >= W.abs().reshape(-1)[small].max()
