@@ -29,6 +29,7 @@ _FAMILIES = (
     "tensor",
     "conv",
     "sparse",
+    "sara",
     "quantized",
     "multiplicative",
     "hira",

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..adapters import get as get_adapter
+from ..adapters.sara import sara_support_size
 from ..adapters.sparse import sparse_support_size
 from ..adapters.tensor import TLoRA
 from .cost_graph import CostGraph, T
@@ -411,6 +412,30 @@ def _sltrain_dw(c, P, W0):
 
 
 _register("sltrain", setup=_sltrain_setup, forward=_sltrain_fwd, delta=_sltrain_dw)
+
+
+def _sara_setup(c):
+    k = sara_support_size(c.m, c.n, float(c.cfg["fraction"]))
+    if k < 1:
+        raise ValueError(f"fraction={c.cfg['fraction']} gives no trainable entry for a {c.m}x{c.n} weight")
+    return {"values": c.g.param((k,))}
+
+
+def _sara_fwd(c, P, x):
+    g = c.g
+    k = P["values"].shape[0]
+    return g.index_add(g.ew("mul", g.index_select(x, k), P["values"]), c.m, inplace=True)
+
+
+def _sara_dw(c, P, W0):
+    g = c.g
+    k = P["values"].shape[0]
+    for name in ("flat_index_mul", "flat_index_add"):  # rows * d_in + cols on int64
+        g.launch(name)
+    return g.view(g.index_add(g.view(P["values"], (1, k)), c.m * c.n, "sparse_dense", inplace=True), (c.m, c.n))
+
+
+_register("sara", setup=_sara_setup, forward=_sara_fwd, delta=_sara_dw)
 
 
 # ----------------------------------------------------------------------------- tensor formats
