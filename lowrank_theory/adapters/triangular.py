@@ -196,10 +196,10 @@ class TriAdaptLoRA(Adapter):
 
     def core(self) -> torch.Tensor:
         r"""The :math:`r\times r` core :math:`C = L + U` (differentiable)."""
-        r = self.rank
-        flat = torch.zeros(r * r, dtype=self.L.dtype, device=self.L.device)
-        flat = flat.index_add(0, self.idx_L, self.L).index_add(0, self.idx_U, self.U)
-        return flat.view(r, r)
+        r, kw = self.rank, dict(dtype=self.L.dtype, device=self.L.device)
+        low = torch.zeros(r * r, **kw).index_add_(0, self.idx_L, self.L)
+        up = torch.zeros(r * r, **kw).index_add_(0, self.idx_U, self.U)
+        return (low + up).view(r, r)
 
     def delta_weight(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
         return self.scale * (self.B @ (self.core() @ self.A))
