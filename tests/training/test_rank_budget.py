@@ -229,13 +229,13 @@ def test_codyra_schedule_bad_arguments():
         CoDyRASchedule(_model("lora", rank=2), total_steps=5)
 
 
-def test_triadapt_schedule_grows_to_the_target_and_keeps_optimizer_state():
+def _triadapt_run(steps=24):
     model = _model("triadaptlora", rank=1)
-    sched = TriAdaptLoRASchedule(model, total_steps=40, target_total_rank=9, warmup=5, interval=5, add_rank=2)
+    sched = TriAdaptLoRASchedule(model, total_steps=steps, target_total_rank=9, warmup=4, interval=4, add_rank=2)
     x, y = _data(0)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-2)
     totals = []
-    for t in range(1, 41):
+    for t in range(1, steps + 1):
         loss = ((model(x) - y) ** 2).mean()
         loss.backward()
         opt.step()
@@ -251,9 +251,16 @@ def test_triadapt_schedule_grows_to_the_target_and_keeps_optimizer_state():
                 assert torch.equal(st_[:b], moments[n]) and torch.count_nonzero(st_[b:]) == 0
         opt.zero_grad()
         totals.append(sum(sched.ranks().values()))
+    return totals, [dict(c.ranks) for c in sched.history], model
+
+
+def test_triadapt_schedule_grows_to_the_target_keeps_optimizer_state_and_is_deterministic():
+    totals, history, model = _triadapt_run()
     assert totals[-1] <= 9 and totals[-1] > 3 and all(b >= a for a, b in zip(totals, totals[1:]))
-    assert totals[4] == 3  # nothing before the warm-up ends
+    assert totals[3] == 3 and totals[4] == 3  # nothing up to the warm-up's end; first event at step 8
     assert all(isinstance(m.adapter, TriAdaptLoRA) for m in adapted_layers(model).values())
+    again, history2, _ = _triadapt_run()
+    assert again == totals and history2 == history
 
 
 def test_triadapt_schedule_bad_arguments():
