@@ -19,6 +19,7 @@ _FAMILIES = (
     "lowrank",
     "lowrank_variants",
     "adaptive_rank",
+    "gated_rank", "triangular",
     "squeeze",
     "svd_based",
     "ldu",

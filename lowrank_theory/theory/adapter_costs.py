@@ -191,8 +191,43 @@ def _gated(gate: str, a: str = "A", b: str = "B"):
 
 
 _register("adalora", **_gated("lam", "Q", "P"))
-_register("sora", **_gated("gate"))
+_register("sora codyra", **_gated("gate"))
 _register("s2_lora", **_gated("coef"))
+
+
+def _triadapt_setup(c):
+    """``TriAdaptLoRA``: A (r, n), B (m, r) and the packed block-triangular L, U, (r² + Σ b²)/2 entries each."""
+    r = c.rank()
+    blocks = c.cfg.get("blocks") or (r,)
+    blocks = (blocks,) if isinstance(blocks, int) else tuple(blocks)
+    packed = (r * r + sum(b * b for b in blocks)) // 2
+    g = c.g
+    return dict(A=g.param((r, c.n), name="A"), B=g.param((c.m, r), name="B"), L=g.param((packed,), name="L"),
+                U=g.param((packed,), name="U"))
+
+
+def _triadapt_core(c, P):
+    """``TriAdaptLoRA.core``: each packed half scatter-added in place into its own r² zeros, summed, viewed."""
+    g, r = c.g, P["A"].shape[0]
+    n = P["L"].shape[0]
+    low = g.index_add(g.view(P["L"], (1, n)), r * r, "core_L", inplace=True)
+    up = g.index_add(g.view(P["U"], (1, n)), r * r, "core_U", inplace=True)
+    return g.view(g.ew("add", low, up, grads="add"), (r, r))
+
+
+def _triadapt_fwd(c, P, x):
+    g = c.g
+    C = _triadapt_core(c, P)
+    h = g.mm(g.mm(_drop(c, x), _tr(g, P["A"])), _tr(g, C))
+    return _scale(g, g.mm(h, _tr(g, P["B"])))
+
+
+def _triadapt_dw(c, P, W0):
+    g = c.g
+    return _scale(g, g.mm(P["B"], g.mm(_triadapt_core(c, P), P["A"])))
+
+
+_register("triadaptlora", setup=_triadapt_setup, forward=_triadapt_fwd, delta=_triadapt_dw)
 
 
 def _block_setup(c):
