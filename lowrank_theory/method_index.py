@@ -1,13 +1,15 @@
 r"""The per-method index: each method's paper, math, code, parameter count, tests, proofs, notebooks,
 PEFT counterpart and export support, in one place.
 
-Three kinds of name are indexed, together every name ``lowrank-theory train --method`` and
-``--rule`` accept:
+Four kinds of name are indexed; the first three together are every name ``lowrank-theory train --method``
+and ``--rule`` accept:
 
 * ``adapter`` -- a registered :class:`~lowrank_theory.adapters.Adapter` class (``adapters.names()``);
 * ``method`` -- an adapter driven by a rank schedule (``increlora``, ``squeeze``; see
   :data:`~lowrank_theory.training.cli_train.METHOD_DEFAULTS`);
-* ``rule`` -- a training rule of :func:`~lowrank_theory.training.optim.make_optimizer`.
+* ``rule`` -- a training rule of :func:`~lowrank_theory.training.optim.make_optimizer`;
+* ``tool`` -- a paper's method offered as a function or class for a user's own training loop (a parameter
+  selection, a loss term, a rank allocation, a delta operation), not a ``train`` name.
 
 What is *declared*: the paper, the parameter-count formula (a Python expression in the arguments of the
 class's ``param_count``, checked against it by the tests), the tests, proofs and notebooks, and the PEFT
@@ -96,16 +98,16 @@ DECLARED: dict[str, MethodEntry] = {e.name: e for e in (
                 tests=("tests/training/test_schedules.py", _T + "test_squeeze.py"), proofs=(_EY, _RSVD),
                 notebooks=(_N + "06_lora_squeeze.py",),
                 extra={"adapter": "lora", "schedule": "lowrank_theory.training.schedules.LoRASqueezeSchedule"}),
-    MethodEntry("hipa", "method", Paper("HiPA: Enabling One-Step Text-to-Image Diffusion Models via "
+    MethodEntry("hipa", "tool", Paper("HiPA: Enabling One-Step Text-to-Image Diffusion Models via "
                                         "High-Frequency-Promoting Adaptation", "2311.18158"),
                 tests=("tests/training/test_frequency_loss.py",), proofs=(_P + "20-hipa-parseval.md",),
-                extra={"adapter": "lora", "schedule": "lowrank_theory.training.frequency_loss.hipa_loss",
-                       "params": "unchanged (HiPA adds a loss term, no parameter)"}),
-    MethodEntry("diffora", "method", Paper("DiffoRA: Enabling Parameter-Efficient Fine-Tuning via Differential "
+                extra={"impl": "lowrank_theory.training.frequency_loss.hipa_loss",
+                       "params": "none of its own (a loss term on the outputs of any adapter, e.g. LoRA)"}),
+    MethodEntry("diffora", "tool", Paper("DiffoRA: Enabling Parameter-Efficient Fine-Tuning via Differential "
                                            "Module Selection", "2502.08905"),
                 tests=("tests/training/test_module_selection.py",), proofs=(_P + "21-diffora-topk-projection.md",),
-                extra={"adapter": "lora", "schedule": "lowrank_theory.training.module_selection.ModuleGates",
-                       "params": "on the selected modules only, plus one gate per adapted module while searching"}),
+                extra={"impl": "lowrank_theory.training.module_selection.ModuleGates",
+                       "params": "one gate per adapted module while searching; after pruning, the kept adapters' own"}),
     MethodEntry("adamw", "rule", Paper("Decoupled Weight Decay Regularization", "1711.05101"),
                 tests=("tests/training/test_optim.py",), extra={"impl": "torch.optim.AdamW"}),
     MethodEntry("sgd", "rule", Paper("plain stochastic gradient descent (torch.optim.SGD)"),
@@ -126,12 +128,28 @@ DECLARED: dict[str, MethodEntry] = {e.name: e for e in (
                 extra={"impl": "lowrank_theory.training.optim_projected.AltLoRA"}),
     MethodEntry("allora", "rule", Paper("ALLoRA: Adaptive Learning Rate Mitigates LoRA Fatal Flaws", "2410.09692"),
                 tests=("tests/training/test_optim.py",), extra={"impl": "lowrank_theory.training.optim.ALLoRA"}),
+    MethodEntry("colora", "tool", Paper("CoLoRA, contribution-based LoRA rank allocation (arXiv id from the seed list; "
+                                        "the paper itself was not found, so this is our reading of its title)",
+                                        "2408.01099"),
+                tests=("tests/training/test_rank_budget.py",), proofs=(_P + "25-budget-greedy.md",),
+                extra={"impl": "lowrank_theory.training.rank_budget.colora_ranks",
+                       "params": "the LoRA ranks it allocates sum exactly to the budget: Σ_l r_l (d_out,l + d_in,l)"}),
+    MethodEntry("id3", "tool", Paper("Step-by-Step Unmasking for Parameter-Efficient Fine-tuning of Large Language "
+                                     "Models", "2408.14470"),
+                tests=("tests/training/test_id3.py",), proofs=(_P + "23-id3-first-order.md",),
+                extra={"impl": "lowrank_theory.training.id3.ID3Mask",
+                       "params": "the budget: entries of the governed tensors unmasked step by step"}),
+    MethodEntry("model_surgery", "tool", Paper("Model Surgery: Modulating LLM's Behavior Via Simple Parameter "
+                                               "Editing", "2407.08770"),
+                tests=("tests/merging/test_model_surgery.py",),
+                extra={"impl": "lowrank_theory.merging.surgery.model_surgery",
+                       "params": "none trained: a probe direction added to the k selected rows"}),
 )}
 
 
 def index() -> dict[str, MethodEntry]:
     """name -> entry: :data:`DECLARED` plus the ``index_entry`` of every registered adapter class that has
-    one; adapters sorted by name, then schedule-driven methods, then rules (the order of ``docs/methods.md``).
+    one; adapters sorted by name, then schedule-driven methods, rules, tools (the order of ``docs/methods.md``).
     """
     from . import adapters
 
@@ -146,13 +164,13 @@ def index() -> dict[str, MethodEntry]:
             raise RuntimeError(f"{adapters.get(name).__name__}.index_entry declares {own.name!r} ({own.kind}), "
                                f"not the adapter {name!r}")
         merged[name] = own
-    order = {"adapter": 0, "method": 1, "rule": 2}
+    order = {"adapter": 0, "method": 1, "rule": 2, "tool": 3}
     keys = sorted(merged, key=lambda n: (order[merged[n].kind], n if merged[n].kind == "adapter" else ""))
     return {k: merged[k] for k in keys}
 
 
 def names(kind: str | None = None) -> list[str]:
-    """Indexed names (of one ``kind``: ``"adapter"``, ``"method"``, ``"rule"``), in index order."""
+    """Indexed names (of one ``kind``: ``"adapter"``, ``"method"``, ``"rule"``, ``"tool"``), in index order."""
     return [n for n, e in index().items() if kind is None or e.kind == kind]
 
 
@@ -245,14 +263,14 @@ def describe(name: str) -> dict[str, Any]:
         cls = adapters.get(e.extra["adapter"])
         sched = _import(e.extra["schedule"])
         out.update(cls=f"{cls.__module__}.{cls.__qualname__} + {e.extra['schedule']}", file=_source_path(sched),
-                   formula=_first_line(sched),
-                   params=f"that of {e.extra['adapter']}, " + e.extra.get("params", "changing with the schedule"))
+                   formula=_first_line(sched), params=f"that of {e.extra['adapter']}, changing with the schedule")
     else:
         impl = e.extra["impl"]
         obj = _import(impl)
         out.update(cls=impl, file=_source_path(obj) if impl.startswith("lowrank_theory") else impl,
                    formula=_first_line(obj) if impl.startswith("lowrank_theory") else _first_line(obj).split(".")[0],
-                   params="the adapter's (a rule changes how it trains, not what)")
+                   params="the adapter's (a rule changes how it trains, not what)" if e.kind == "rule"
+                   else e.extra.get("params", "none of its own"))
     out["export"] = _export_text(name, e)
     return out
 
@@ -267,7 +285,7 @@ def _params_text(e: MethodEntry) -> str:
 
 
 def _export_text(name: str, e: MethodEntry) -> str:
-    if e.kind == "rule":
+    if e.kind in ("rule", "tool"):
         return "-"
     base = name if e.kind == "adapter" else e.extra["adapter"]
     from .training.peft_format import PEFT_METHODS
@@ -335,7 +353,8 @@ def methods_markdown() -> str:
 
 
 def _heading(name: str, kind: str) -> str:
-    return name if kind == "adapter" else f"{name} ({'training rule' if kind == 'rule' else 'adapter + schedule'})"
+    labels = {"rule": "training rule", "method": "adapter + schedule", "tool": "library tool"}
+    return name if kind == "adapter" else f"{name} ({labels[kind]})"
 
 
 def _anchor(name: str) -> str:

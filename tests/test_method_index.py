@@ -45,7 +45,7 @@ def test_declared_files_exist_and_are_about_the_method(name):
     aliases = {name, {"lora+": "lora_plus", "loca": "dct", "qwha": "wht"}.get(name, name)}
     if e.kind == "adapter":
         aliases.add(adapters.get(name).__name__)
-    if e.kind == "rule":
+    if e.kind in ("rule", "tool"):
         aliases.add(e.extra["impl"].rsplit(".", 1)[1])
     for path in (*e.tests, *e.proofs, *e.notebooks):
         assert (ROOT / path).is_file(), path

@@ -28,7 +28,7 @@ What was read, and from where
 Our choice, and why: that stored update *adds* :math:`\kappa` to the surviving gates (a hard threshold that
 pushes survivors outward); it is not the proximal step of any multiple of :math:`\|w\|_1`, and it works
 against the L1 term.  We take the textbook proximal step of :math:`\kappa\|g\|_1`, soft thresholding
-(``rule="soft"``, the default; proof in ``proofs/wave2b-codyra-prune-exact.md``), and keep the stored one as
+(``rule="soft"``, the default; proof in ``proofs/24-codyra-prune-exact.md``), and keep the stored one as
 ``rule="hard_push"`` so that the two can be compared.  Pruning after either rule is exact, since a gate that
 is exactly zero contributes nothing.
 """
@@ -102,8 +102,8 @@ class CoDyRA(Adapter):
               "with Dynamic Rank-Selective LoRA", "2412.01004"),
         "rank * (d_out + d_in + 1)",
         ("tests/adapters/test_gated_rank.py", "tests/training/test_rank_budget.py"),
-        proofs=("proofs/wave2b-codyra-prune-exact.md",),
-        notebooks=("notebooks/wave2b_rank_selection.py",),
+        proofs=("proofs/24-codyra-prune-exact.md",),
+        notebooks=("notebooks/13_rank_selection.py",),
         note="trained with its CoDyRASchedule (lowrank_theory.training.codyra)",
     )
 

@@ -401,7 +401,7 @@ class HUT(Adapter):
     :math:`W_0 + W_0 \odot (sB'A')` is the special case whose first component stays at
     :math:`(\mathbf 1, \mathbf 1)`.  For r = 1, :math:`W' = \operatorname{diag}(b) W_0 \operatorname{diag}(a)`.
 
-    Re-checked (wave2d): the HUT body was again not retrievable (arXiv abstract, the arXiv listing and two
+    Re-checked (2026-12-04): the HUT body was again not retrievable (arXiv abstract, the arXiv listing and two
     summaries only: "a Hadamard product with two low-rank matrices"), so this stays our reading.  The
     additive residual form is HiRA (ICLR 2025, PEFT ``HiraConfig``: :math:`W_0 + W_0\odot B'A'`, B' = 0 at
     init), now registered separately as ``"hira"`` (:class:`~lowrank_theory.adapters.hira.HiRA`, a thin

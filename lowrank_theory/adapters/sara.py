@@ -9,7 +9,7 @@ m×n gradient exists in the forward or backward pass -- autograd's gradient of v
 :math:`\partial L/\partial v_t = \sum_{\text{tokens}} g_{r_t} x_{c_t}`, a length-k vector.
 
 Also here: :func:`nuclear_prox` (singular-value soft-thresholding, the proximal map of
-:math:`\tau\|\cdot\|_*`, ``proofs/wave2a-nuclear-prox.md``), :meth:`SaRA.nuclear_norm_penalty` (the loss term
+:math:`\tau\|\cdot\|_*`, ``proofs/22-sara-nuclear-prox.md``), :meth:`SaRA.nuclear_norm_penalty` (the loss term
 SaRA's authors add), :func:`remask_layer_` and :class:`SaRASchedule` (the progressive re-selection).
 """
 
@@ -87,7 +87,7 @@ def nuclear_prox(Y: torch.Tensor, tau: float) -> torch.Tensor:
     Returns
     -------
     torch.Tensor, shape (m, n), Y's dtype
-        Rank = number of singular values above τ.  Proof: ``proofs/wave2a-nuclear-prox.md``.
+        Rank = number of singular values above τ.  Proof: ``proofs/22-sara-nuclear-prox.md``.
 
     Raises
     ------
@@ -171,8 +171,8 @@ class SaRA(Adapter):
               "2409.06633"),
         "floor(fraction * d_out * d_in * (1 + 1e-12))",
         ("tests/adapters/test_sara.py",),
-        proofs=("proofs/wave2a-nuclear-prox.md",),
-        notebooks=("notebooks/wave2a_sparse_tuning.py",),
+        proofs=("proofs/22-sara-nuclear-prox.md",),
+        notebooks=("notebooks/12_sparse_tuning.py",),
     )
 
     name = "sara"

@@ -46,8 +46,8 @@ TITLE = "CoDyRA rank selection on a two-task docstring sequence (MiniLM)"
 CLAIM = ("CoDyRA's sparsity-driven rank selection cuts most ranks of each task's update while keeping the "
          "new-task accuracy of a full-rank LoRA; reported: whether it forgets the first task less.")
 PAPERS = (("CoDyRA", "2412.01004"),)
-NOTEBOOK = "notebooks/wave2b_rank_selection.py"
-PROOFS = ("proofs/wave2b-codyra-prune-exact.md",)
+NOTEBOOK = "notebooks/13_rank_selection.py"
+PROOFS = ("proofs/24-codyra-prune-exact.md",)
 ENGINE = "torch float32 on --device, real MiniLM (ignores --backend)"
 METHODS = ("lora", "gated", "codyra")
 

@@ -10,7 +10,8 @@ One file per idea:
 * :mod:`.factored` -- ``cat`` and ``svd`` of LoRA factors :math:`(B_t, A_t)`, never forming m×n;
 * :mod:`.lora` -- PEFT's ``add_weighted_adapter`` combination types on one layer's factors;
 * :mod:`.state` -- whole models as parameter dicts (flatten / merge per tensor or globally);
-* :mod:`.natural_niches` -- M2N2, evolutionary merging driven by a per-example score function.
+* :mod:`.natural_niches` -- M2N2, evolutionary merging driven by a per-example score function;
+* :mod:`.surgery` -- Model Surgery: a probe direction added to the rows that oppose it most (a rank-one delta each).
 
 Every merge takes arrays of one backend (NumPy, torch, CuPy), shape and dtype, validates them before
 any work (``TypeError`` / ``ValueError`` naming the argument), computes half-precision torch inputs in
@@ -27,6 +28,7 @@ from .natural_niches import M2N2Result, m2n2, niche_fitness
 from .pcb_merging import pcb
 from .prune import magnitude_prune, trim
 from .state import flatten, merge_state_dicts, unflatten
+from .surgery import model_surgery, model_surgery_deltas
 from .ties_merging import elect_sign, ties
 
 __all__ = [
@@ -46,6 +48,8 @@ __all__ = [
     "m2n2",
     "magnitude_prune",
     "merge_state_dicts",
+    "model_surgery",
+    "model_surgery_deltas",
     "niche_fitness",
     "pcb",
     "svd",

@@ -73,7 +73,7 @@ def d3_importance(param: torch.Tensor, grad: torch.Tensor, eps: float = 1e-3, ex
         ε ≥ 0 (> 0 when e > 0).
     exponent : float, default 1.0
         e.  ``e = 0``: the gradient magnitude; ``e = -1, eps = 0``: :math:`|g\,\theta|`, the first-order loss change of
-        zeroing θ (``proofs/wave2a-id3-first-order.md``); ``e > 0`` favours small entries with large gradients.
+        zeroing θ (``proofs/23-id3-first-order.md``); ``e > 0`` favours small entries with large gradients.
 
     Raises
     ------

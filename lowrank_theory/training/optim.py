@@ -240,7 +240,7 @@ class ALLoRA(torch.optim.Optimizer):
     optimizer with an ``allora`` option (``eta`` hyper-parameter, ``1/sqrt(row_norm + 1/eta**2)``)
     also works per row of the stored matrices.  We could not read the paper's full text here.
 
-    Checked (wave2d, tests/training/test_paper_formulas.py; abstract re-read from arXiv and OpenReview): the
+    Checked (tests/training/test_paper_formulas.py; abstract re-read from arXiv and OpenReview): the
     SGD step equals the dense :math:`\theta_i - \eta\,g_i/\sqrt{\lVert\theta_i\rVert^2 + 1/\eta_{\mathrm{row}}^2}`
     on both factors; "per sample" scaling equals the batch step (the coefficient depends on the parameters
     only, so it commutes with averaging over samples); the coefficient is inversely proportional to the

@@ -33,7 +33,7 @@ Flat-LoRA's convention) where they use :math:`1/\sqrt{\text{out\_features}}`.  T
 (arXiv:2502.14538) could not be read here; note that its v2/v3 (abstracts read) are retitled LoRA-MGPO and
 replace the gradient-norm term by optimizer momentum with EMA-normalized magnitudes -- this module is v1's GGPO.
 
-Checked against the paper's formula (tests/training/test_paper_formulas.py, wave2d): the per-row
+Checked against the paper's formula (tests/training/test_paper_formulas.py): the per-row
 scale :math:`\sigma\lVert W_{i,:}\rVert + \beta\lVert\hat G_{i,:}\rVert^2` (the row energy
 :math:`\mathbb E\lVert\varepsilon_{i,:}\rVert^2` is its square), the r×r-Gram norms and the noise's
 determinism match dense references.  One deviation was fixed: the hook used to compute

@@ -3,7 +3,7 @@ r"""Rank budgets: a global rank budget split over layers by contribution (CoLoRA
 * :func:`allocate_ranks` -- integer ranks :math:`r_l` with :math:`\sum_l r_l = R` **exactly**, each in
   :math:`[r_{min}, r_{max,l}]`, chosen greedily by marginal gain :math:`c_l\,w(k)` (layer score times a
   non-increasing weight of the :math:`k`-th rank).  For every non-increasing :math:`w` this greedy choice
-  maximises :math:`\sum_l c_l \sum_{k \le r_l} w(k)` under the budget (``proofs/wave2b-budget-greedy.md``);
+  maximises :math:`\sum_l c_l \sum_{k \le r_l} w(k)` under the budget (``proofs/25-budget-greedy.md``);
   :math:`w = 1` is the top-score-first ("linear") rule, :math:`w(k) = 1/k` is D'Hondt's divisor method
   (ranks nearly proportional to :math:`c_l`), :math:`w(k) = 1/(2k-1)` is Sainte-Laguë's.
 * :func:`ablation_contributions` -- a contribution score per adapted layer: the loss increase when that
@@ -103,7 +103,7 @@ def allocate_ranks(
     time to the layer whose next rank has the largest gain :math:`c_l\,w(r_l + 1)` among those below their
     cap (ties: the lower layer index).  Cost :math:`O(R \log L)`.  The result maximises
     :math:`F(r) = \sum_l c_l \sum_{k = r_{min,l}+1}^{r_l} w(k)` over all feasible integer vectors
-    (separable concave objective; exchange argument in ``proofs/wave2b-budget-greedy.md``).
+    (separable concave objective; exchange argument in ``proofs/25-budget-greedy.md``).
 
     Raises
     ------

@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowrank_theory.merging.model_surgery import (
+from lowrank_theory.merging.surgery import (
     model_surgery,
     model_surgery_deltas,
     probe_cosines,

@@ -1,4 +1,4 @@
-"""Check of proofs/wave2b-budget-greedy.md: greedy by marginal gain meets the budget and maximises a separable
+"""Check of proofs/25-budget-greedy.md: greedy by marginal gain meets the budget and maximises a separable
 concave score; D'Hondt / Sainte-Laguë are its special cases; moving a rank never helps; increasing weights break it.
 
 Tolerance: objective values are sums of at most ~20 float64 products, compared to 1e-12 relative.

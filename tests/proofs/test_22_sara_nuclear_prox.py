@@ -1,4 +1,4 @@
-"""Check of proofs/wave2a-nuclear-prox.md: prox of τ‖·‖_* is singular-value soft-thresholding (SaRA's penalty).
+"""Check of proofs/22-sara-nuclear-prox.md: prox of τ‖·‖_* is singular-value soft-thresholding (SaRA's penalty).
 
 The library's ``nuclear_prox`` and ``SaRA.proximal_step_`` are compared with NumPy's SVD, with the exact optimal value
 Σ h_τ(y_i), with random perturbations (the 1-strong-convexity growth bound), and with an independent solver (SciPy BFGS

@@ -46,7 +46,7 @@ for r in rows:
 
 # %%
 os.makedirs("figures", exist_ok=True)
-sparse_tuning.plot(rows, "figures/wave2a_sparse_tuning")
+sparse_tuning.plot(rows, "figures/12_sparse_tuning")
 
 # %% [markdown]
 # **Reading.** Quick scale (float32), $1-\cos$ / relative change / similarity correlation / energy zeroed:

@@ -19,7 +19,7 @@
 # arXiv:2412.01004 — **abstract only** (v4–v8); the training rule (ℓ1 on per-rank gates, a threshold rising
 # linearly after a dense half, zero gates cut, the rest merged after each task) as read in third-party code that
 # embeds a CoDyRA layer (see `lowrank_theory/adapters/gated_rank.py`; we use the soft threshold, the stored code
-# a variant that is no proximal step, `proofs/wave2b-codyra-prune-exact.md`).
+# a variant that is no proximal step, `proofs/24-codyra-prune-exact.md`).
 #
 # **Claim.** Higher-rank LoRA learns more but forgets more; CoDyRA "adaptively minimizes ranks with
 # sparsity-promoting regularization", so that each task's update keeps only the ranks it needs: **most ranks
@@ -63,7 +63,7 @@ for c in exp.claims(rows, SCALE):
 
 # %%
 os.makedirs("figures", exist_ok=True)
-exp.plot(rows, "figures/wave2b_rank_selection")
+exp.plot(rows, "figures/13_rank_selection")
 
 # %% [markdown]
 # **Reading** (quick scale: 1 block, 40 steps, 1 seed; numbers above, 111 / 114 test examples for A / B).

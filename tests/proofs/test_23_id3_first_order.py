@@ -1,4 +1,4 @@
-"""Check of proofs/wave2a-id3-first-order.md: ID3's D3 score is a first-order loss change, with a bounded remainder.
+"""Check of proofs/23-id3-first-order.md: ID3's D3 score is a first-order loss change, with a bounded remainder.
 
 A 4->3->2 tanh MLP in float64 on a fixed batch; gradients and second derivatives by autograd.  The library's
 ``d3_importance`` and ``ID3Mask.step`` are compared with exact loss changes.  Negative controls: large steps, other

@@ -1,4 +1,4 @@
-"""Check of proofs/wave2b-codyra-prune-exact.md: soft step = prox (1-Lipschitz), pruning and merging exact,
+"""Check of proofs/24-codyra-prune-exact.md: soft step = prox (1-Lipschitz), pruning and merging exact,
 continual drift bounded by the kept gates, and the stored "hard_push" rule is no proximal map.
 
 Tolerances: float64 forwards that differ by re-associated sums agree to 1e-12 relative; the numerical rank of a
