@@ -31,6 +31,7 @@ _FAMILIES = (
     "sparse",
     "quantized",
     "multiplicative",
+    "sketch",
 )
 for _fam in _FAMILIES:
     importlib.import_module(f"{__name__}.{_fam}")
