@@ -32,6 +32,7 @@ _FAMILIES = (
     "quantized",
     "multiplicative",
     "sketch",
+    "sparse_support",
 )
 for _fam in _FAMILIES:
     importlib.import_module(f"{__name__}.{_fam}")
