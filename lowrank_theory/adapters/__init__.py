@@ -33,6 +33,7 @@ _FAMILIES = (
     "multiplicative",
     "sketch",
     "sparse_support",
+    "kernel_sparse",
 )
 for _fam in _FAMILIES:
     importlib.import_module(f"{__name__}.{_fam}")
