@@ -1,4 +1,4 @@
-r"""SNELLA: a sparse update whose values come from a kernelized low-rank merge, :math:`\Delta W = \operatorname{top}_k(M)`.
+r"""SNELLA: a sparse update taken from a kernelized low-rank merge, :math:`\Delta W = \operatorname{top}_k(M)`.
 
 Two low-rank factors per head h, :math:`B_h \in \mathbb R^{m \times q/H}` (outputs) and
 :math:`A_h \in \mathbb R^{n \times q/H}` (inputs), are merged by a non-linear kernel instead of LoRA's inner product:
@@ -29,12 +29,12 @@ from .base import Adapter, check_rank
 from .params import Choice, Float, Int, Seed, schema
 from .registry import register
 
-__all__ = ["SNELLA", "kernel_merge", "keep_count"]
+__all__ = ["SNELLA", "keep_count", "kernel_merge"]
 
 
 def keep_count(d_out: int, d_in: int, density: float) -> int:
     """Entries a layer keeps: ``round(density * m * n)`` (so ``density = k/(m n)`` gives back k exactly)."""
-    return int(round(density * d_out * d_in))
+    return round(density * d_out * d_in)
 
 
 def kernel_merge(B: torch.Tensor, A: torch.Tensor, coeff: torch.Tensor, a: torch.Tensor, gamma: torch.Tensor,

@@ -86,7 +86,7 @@ def allocate_volume(scores: Sequence[float], volume: int, capacities: Sequence[i
         tot = sum(weights[i] for i in free)
         exact = {i: left * weights[i] / tot for i in free}
         for i in free:
-            out[i] = int(math.floor(exact[i]))
+            out[i] = math.floor(exact[i])
         rest = left - sum(out[i] for i in free)
         for i in sorted(free, key=lambda i: (-(exact[i] - math.floor(exact[i])), i))[:rest]:
             out[i] += 1
@@ -144,8 +144,8 @@ class BilevelAllocator:
         self.capacities = [a.d_out * a.d_in for a in self.adapters.values()]
         total = sum(self.capacities)
         self.init_volume = (sum(a.keep for a in self.adapters.values()) if init_density is None
-                            else int(round(init_density * total)))
-        self.target_volume = int(round(target_density * total))
+                            else round(init_density * total))
+        self.target_volume = round(target_density * total)
         self.warmup, self.final_warmup, self.total_steps, self.interval = warmup, final_warmup, total_steps, interval
         cubic_volume(0, 1, 0, warmup, final_warmup, total_steps)  # validates the schedule
         self.beta1, self.beta2 = beta1, beta2
@@ -154,7 +154,7 @@ class BilevelAllocator:
 
     @torch.no_grad()
     def update_importance(self) -> None:
-        """Fold the current :math:`|\\theta \\odot \\nabla\\theta|` of every factor into the EMAs (call after backward)."""
+        """Fold the current :math:`|\\theta \\odot \\nabla\\theta|` of every factor into the EMAs (after backward)."""
         for name, ad in self.adapters.items():
             for key, ipt in ad.importance().items():
                 k = f"{name}.{key}"
