@@ -61,7 +61,7 @@ class SparseDelta(Adapter):
 
     Notes
     -----
-    Forward: ``zeros(..., m).index_add(-1, rows, x.index_select(-1, cols) * values)`` (as SLTrain's sparse
+    Forward: ``zeros(..., m).index_add_(-1, rows, x.index_select(-1, cols) * values)`` (as SLTrain's sparse
     part).  Identity at init (values 0).  The support is a persistent buffer (``rows``, ``cols``), so a
     checkpoint holds it with the values; ``config()`` holds ``indices`` too.  SPT itself masks the gradient
     of the dense weight instead (its optimizer sees all m·n entries); the update is the same, this form
@@ -100,10 +100,10 @@ class SparseDelta(Adapter):
     def delta_weight(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
         flat = self.rows * self.d_in + self.cols
         S = torch.zeros(self.d_out * self.d_in, dtype=self.values.dtype, device=self.values.device)
-        return S.index_add(0, flat, self.values).view(self.d_out, self.d_in)
+        return S.index_add_(0, flat, self.values).view(self.d_out, self.d_in)  # in place on fresh zeros: one kernel
 
     def forward(self, x: torch.Tensor, base_weight: torch.Tensor | None = None) -> torch.Tensor:
         self._check_input(x)
         gathered = x.index_select(-1, self.cols) * self.values.to(x.dtype)
         out = torch.zeros(*x.shape[:-1], self.d_out, dtype=x.dtype, device=x.device)
-        return out.index_add(-1, self.rows, gathered)
+        return out.index_add_(-1, self.rows, gathered)

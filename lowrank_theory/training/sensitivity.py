@@ -284,6 +284,11 @@ def apply_spt(model: nn.Module, selection: SPTSelection, *, lora_alpha: float | 
     before; everything else is frozen.  The number of trainable parameters is ``selection.cost``.
     ``lora_alpha`` (default: the rank, scale 1), ``seed`` (A's init; each layer gets the same seed) and
     ``dropout`` go to every LoRA.
+
+    Checkpoints: :func:`~lowrank_theory.training.save_adapters` writes every adapter's state (the supports
+    included), but the per-layer ``indices`` are tensors, not JSON, so ``load_adapters(..., inject=True)`` cannot
+    rebuild the layers; keep the selection (``torch.save`` it), call ``apply_spt(model, selection)`` on the fresh
+    model, then ``load_adapters(model, path)``.
     """
     if not isinstance(selection, SPTSelection):
         raise TypeError(f"selection must be an SPTSelection, got {type(selection).__name__}")

@@ -225,3 +225,24 @@ def test_sparse_delta_support_validation():
     assert ad.rows.tolist() == [0, 1, 2] and ad.cols.tolist() == [0, 1, 3] and ad.num_trainable == 3
     assert SparseDelta.param_count(3, 4) == 12 == SparseDelta(3, 4).num_trainable
     assert math.isclose(float(spt_allocate(_scores(1), 0).cost), 0.0)
+
+
+def test_checkpoint_round_trip_through_the_selection(tmp_path):
+    """Per-layer supports are tensors in the config (not JSON): rebuild with apply_spt, then load the values."""
+    from lowrank_theory.training import load_adapters, save_adapters
+
+    model = _mlp()
+    sel = spt_select(model, _loss, _batches(), budget=120, rank=2, alpha=3.0, targets=TARGETS)
+    apply_spt(model, sel)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, dtype=p.dtype, generator=torch.Generator().manual_seed(2)))
+    save_adapters(model, tmp_path)
+    fresh = apply_spt(_mlp(), sel)
+    x, _ = _batches(1)[0]
+    assert not torch.allclose(fresh(x), model(x))
+    load_adapters(fresh, tmp_path)
+    assert torch.allclose(fresh(x), model(x), rtol=0, atol=1e-14)
+    with pytest.raises(ValueError, match="indices"):  # inject=True cannot rebuild the per-layer supports
+        load_adapters(_mlp(), tmp_path, inject=True)
