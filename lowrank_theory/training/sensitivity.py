@@ -140,6 +140,16 @@ class SPTSelection:
     rank: int
     thresholds: dict[str, float] = field(default_factory=dict)
 
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Boolean (d_out, d_in) masks of the unstructured entries, one per sparse layer."""
+        out = {}
+        for n, idx in self.sparse.items():
+            m, k = self.shapes[n]
+            mask = torch.zeros(m * k, dtype=torch.bool)
+            mask[idx] = True
+            out[n] = mask.view(m, k)
+        return out
+
 
 def _check_budget(budget: Any) -> int:
     if isinstance(budget, bool) or not isinstance(budget, int):
@@ -240,11 +250,13 @@ def spt_allocate(scores: Mapping[str, torch.Tensor], budget: int, *, rank: int =
                            (torch.ceil(thresh).clamp(max=float(flat_t.numel())) - 1).long() - counts)
         room = torch.where(torch.isinf(thresh), torch.full((L,), flat_t.numel(), dtype=torch.long), room).clamp(min=0)
         rest = mat_of[tau:]
-        onehot_rank = torch.zeros(rest.numel(), dtype=torch.long)
-        for li in range(L):  # position of each remaining entry among its matrix's remaining entries
-            sel = rest == li
-            onehot_rank[sel] = torch.arange(int(sel.sum()))
-        ok = onehot_rank < room[rest]
+        # position of each remaining entry among its own matrix's remaining entries (rank order kept)
+        perm = torch.sort(rest, stable=True).indices
+        per = torch.bincount(rest, minlength=L)
+        starts = per.cumsum(0) - per
+        pos = torch.empty(rest.numel(), dtype=torch.long)
+        pos[perm] = torch.arange(rest.numel()) - starts[rest[perm]]
+        ok = pos < room[rest]
         ok_pos = torch.nonzero(ok).squeeze(-1)[:left]
         chosen[tau + ok_pos] = True
         filled = int(ok_pos.numel())

@@ -123,6 +123,9 @@ def test_allocation_matches_a_brute_force_over_tau(seed, budget, rank, alpha):
     assert sel.tau == tau and sel.cost == cost_ref <= budget and set(sel.lora) == lora_ref
     top = {(e[3], e[2]) for e in entries[:tau]}
     got = {(n, int(k)) for n, idx in sel.sparse.items() for k in idx}
+    masks = sel.masks()
+    assert {(n, int(k)) for n, mk in masks.items() for k in torch.nonzero(mk.reshape(-1)).squeeze(-1)} == got
+    assert all(tuple(mk.shape) == sel.shapes[n] for n, mk in masks.items())
     assert got == {(n, k) for n, k in top if n not in lora_ref}
     # with the fill: still within budget, the LoRA rule still holds for the final counts, nothing in a LoRA matrix
     full = spt_allocate(scores, budget, rank=rank, alpha=alpha, fill=True)
