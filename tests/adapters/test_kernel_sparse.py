@@ -27,7 +27,7 @@ from lowrank_theory.training.bilevel_sparsity import BilevelAllocator, allocate_
 
 @parametrize_with_checks({
     "snella(mixed)": registered_factory("snella", rank=4, density=0.3),
-    "snella(distance)": registered_factory("snella", rank=4, heads=2, density=0.5, kernel="distance"),
+    "snella(distance)": registered_factory("snella", rank=2, heads=2, density=0.5, kernel="distance"),
     "snella(magnitude)": registered_factory("snella", rank=2, heads=1, density=1.0, weighting="magnitude"),
 })
 def test_snella_contract(check):

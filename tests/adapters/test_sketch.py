@@ -27,7 +27,7 @@ F64 = 1e-12
 @parametrize_with_checks({
     "sketchtune.from_weight(bits=2,groups=3)": registered_factory("sketchtune", bits=2, groups=3, iters=5),
     "sketchtune.from_weight(bits=4,groups=1)": registered_factory("sketchtune", bits=4, groups=1),
-    "sketchtune.create(bits=3,groups=2)": registered_factory("sketchtune", from_weight=False, bits=3, groups=2),
+    "sketchtune.create(bits=2,groups=2)": registered_factory("sketchtune", from_weight=False, bits=2, groups=2),
 })
 def test_sketchtune_contract(check):
     check()
