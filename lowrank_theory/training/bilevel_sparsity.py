@@ -17,6 +17,10 @@ The authors' allocator does the proportional split in floating point and truncat
 of the volume; :func:`allocate_volume` is the integer version (water-filling then largest remainders) whose
 counts sum to the volume exactly.
 
+The authors parametrize by *sparsity* (fraction dropped): ``init_thres`` and ``target_ratio`` are this
+module's ``1 - init_density`` and ``1 - target_density`` (their scripts: VTAB CIFAR 0.01 -> 0.8, FGVC CUB 0 -> 0.3,
+no warm-up, a re-allocation every step of their schedule, which counts epochs; ``beta1 = beta2 = 0.85``).
+
 What was read: the authors' ``sparse_allocator.py`` (github.com/ssfgunner/SNELL: ``Allocator.schedule_threshold``,
 ``update_ipt``, ``calculate_score``, ``param_alloc``, ``mask_to_target_ratio``) and the abstract and opening of
 arXiv:2510.24037.
@@ -122,7 +126,7 @@ class BilevelAllocator:
         The cubic schedule (see :func:`cubic_volume`); re-allocate every ``interval`` steps in the decay, every
         step of the final phase (the authors' ``mask_ind``).
     beta1, beta2 : float in (0, 1)
-        EMA factors of the importance and of its uncertainty (the authors' 0.85 and 0.85 defaults are AdaLoRA's).
+        EMA factors of the importance and of its uncertainty (0.85 and 0.85 in the authors' scripts).
 
     Use: ``loss.backward(); alloc.update_importance(); opt.step(); alloc.step(t)``.
     """
