@@ -1,4 +1,5 @@
-"""SNELLA (``snella``, arXiv:2510.24037): kernelized low-rank merge, top-k inside a layer, allocation across layers.
+"""SNELLA (``snella``, arXiv:2510.24037): kernelized low-rank merge, top-k inside a layer, allocation across layers
+(the allocation rule is the method-index entry ``snella_bilevel``).
 
 * The public checker on three configurations (SNELLA's mixed kernel, SNELL's distance kernel, the authors'
   magnitude weighting whose gradient is not the forward's derivative: gradcheck skipped by design).
