@@ -35,6 +35,9 @@ _FAMILIES = (
     "quantized",
     "multiplicative",
     "hira",
+    "sketch",
+    "sparse_support",
+    "kernel_sparse",
 )
 for _fam in _FAMILIES:
     importlib.import_module(f"{__name__}.{_fam}")

@@ -625,4 +625,5 @@ def _tlora_dw(c, P, W0):
 _register("tlora", setup=_tlora_setup, layer=_tlora_layer, delta=_tlora_dw)
 
 # the transform-domain methods and the multiplicative ones (DoRA, SSF, HUT) register themselves there
+from . import adapter_costs_sparse as _sparse  # noqa: E402,F401
 from . import adapter_costs_transform as _transform  # noqa: E402,F401
