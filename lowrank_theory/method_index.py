@@ -144,6 +144,15 @@ DECLARED: dict[str, MethodEntry] = {e.name: e for e in (
                 tests=("tests/merging/test_model_surgery.py",),
                 extra={"impl": "lowrank_theory.merging.surgery.model_surgery",
                        "params": "none trained: a probe direction added to the k selected rows"}),
+    MethodEntry("spt", "tool", Paper("Sensitivity-Aware Visual Parameter-Efficient Fine-Tuning", "2303.08566"),
+                tests=("tests/training/test_sensitivity.py",), proofs=(_P + "27-spt-first-order.md",),
+                extra={"impl": "lowrank_theory.training.sensitivity.spt_allocate",
+                       "params": "at most the budget: LoRA on the selected matrices plus sparse_delta entries"}),
+    MethodEntry("snella_bilevel", "tool", Paper("Kernelized Sparse Fine-Tuning with Bi-level Parameter Competition "
+                                                "for Vision Models", "2510.24037"),
+                tests=("tests/adapters/test_kernel_sparse.py",),
+                extra={"impl": "lowrank_theory.training.bilevel_sparsity.BilevelAllocator",
+                       "params": "the snella adapters' own; the kept entries follow a cubic schedule"}),
 )}
 
 

@@ -8,7 +8,7 @@ G contiguous groups (:func:`column_groups`), gives every (row i, group g) a code
 
 Only :math:`S` (m·G·K numbers) is trained; the codes are frozen.  :math:`\hat W` is linear in S, so the
 gradient of a loss through the gather is the scatter-add of :math:`\partial L/\partial \hat W` over the codes
-(:func:`codebook_gradient`; proved in ``proofs/wave2c-sketch-scatter-add.md``):
+(:func:`codebook_gradient`; proved in ``proofs/26-sketch-scatter-add.md``):
 
 .. math::  \frac{\partial L}{\partial S_{i,g,k}}
            = \sum_{j:\ g(j) = g,\ c_{ij} = k} \frac{\partial L}{\partial \hat W_{ij}}.
@@ -243,7 +243,7 @@ class SketchTune(Adapter):
         Paper("Sketch to Adapt: Fine-Tunable Sketches for Efficient LLM Adaptation", "2410.06364"),
         "d_out * groups * 2 ** bits",
         ("tests/adapters/test_sketch.py",),
-        proofs=("proofs/wave2c-sketch-scatter-add.md",),
+        proofs=("proofs/26-sketch-scatter-add.md",),
         peft="none",
     )
 

@@ -78,7 +78,7 @@ class SparseDelta(Adapter):
         Paper("Sensitivity-Aware Visual Parameter-Efficient Fine-Tuning", "2303.08566"),
         "d_out * d_in if indices is None else int(indices.numel())",
         ("tests/training/test_sensitivity.py",),
-        proofs=("proofs/wave2c-spt-first-order.md",),
+        proofs=("proofs/27-spt-first-order.md",),
         peft="none",
     )
 

@@ -4,7 +4,7 @@ SPT (He et al., ICCV 2023) runs in two stages.
 
 1. **Sensitivity** (:func:`parameter_sensitivity`).  For a weight entry :math:`w` with gradient :math:`g` on a
    batch, moving it alone by one SGD step :math:`-\epsilon g` changes the loss by
-   :math:`\Delta L = -\epsilon g^2 + O(\epsilon^2)` (first-order Taylor; ``proofs/wave2c-spt-first-order.md``), so
+   :math:`\Delta L = -\epsilon g^2 + O(\epsilon^2)` (first-order Taylor; ``proofs/27-spt-first-order.md``), so
    :math:`s = g^2` ranks the entries by the loss decrease one step of each would buy.  The scores are summed
    over the batches given (the authors accumulate ``param.grad ** 2`` over ``sensitivity_batch_num`` batches).
 2. **Allocation** (:func:`spt_allocate`).  Take the τ entries of largest score over all target matrices.  A

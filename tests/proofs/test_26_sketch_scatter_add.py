@@ -1,4 +1,4 @@
-"""Check of proofs/wave2c-sketch-scatter-add.md: SketchTune's codebook gradient is the scatter-add (the adjoint of
+"""Check of proofs/26-sketch-scatter-add.md: SketchTune's codebook gradient is the scatter-add (the adjoint of
 the gather) of the weight gradient, and an SGD step moves each entry by its code-class sum.
 
 All in float64; "agree" means relative error <= 1e-12 (two summation orders of the same finite sums, round-off

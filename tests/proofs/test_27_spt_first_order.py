@@ -1,4 +1,4 @@
-"""Check of proofs/wave2c-spt-first-order.md: SPT's score g² is the first-order loss decrease of one SGD step on a
+"""Check of proofs/27-spt-first-order.md: SPT's score g² is the first-order loss decrease of one SGD step on a
 single weight, and ranks the weights by that decrease for small steps.
 
 A tiny float64 tanh MLP; the score comes from the library (``parameter_sensitivity``); the exact decreases from
