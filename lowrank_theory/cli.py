@@ -39,7 +39,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         else:
             print(method_index.format_entry(args.name))
         return 0
-    from . import __version__, adapters, backend, linalg
+    from . import __version__, adapters, backend, linalg, method_index
     from .training.cli_train import method_names
     from .training.optim import RULES
 
@@ -47,6 +47,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     data["adapters"] = adapters.names()
     data["methods"] = method_names()
     data["rules"] = list(RULES)
+    data["tools"] = method_index.names("tool")  # paper methods for a user's own loop (not train names)
     data["linalg"] = sorted(linalg.__all__)
     if args.json:
         print(json.dumps(data, indent=2))
