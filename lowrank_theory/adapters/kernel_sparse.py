@@ -177,10 +177,15 @@ class SNELLA(Adapter):
         """Boolean (m, n) mask of the k entries of largest |M| (ties: the lower flat index)."""
         M = self.merged_matrix() if M is None else M
         flat = M.detach().abs().reshape(-1)
-        order = torch.sort(flat, descending=True, stable=True).indices[: self.keep]
-        mask = torch.zeros(flat.numel(), dtype=torch.bool, device=M.device)
-        mask[order] = True
-        return mask.view_as(M)
+        N, k = flat.numel(), self.keep
+        if k == 0 or k == N:
+            return torch.full_like(M, k == N, dtype=torch.bool)
+        # The k-th largest |M| by selection (O(N), not a sort): every entry above it is kept, and of the entries
+        # equal to it the first (k - #above) in flat order -- the first k of a stable descending sort.
+        tau = torch.kthvalue(flat, N - k + 1).values
+        above, tied = flat > tau, flat == tau
+        need = k - above.sum()
+        return (above | (tied & (tied.cumsum(0) <= need))).view_as(M)
 
     def delta_weight(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
         M = self.merged_matrix()

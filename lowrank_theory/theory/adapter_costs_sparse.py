@@ -7,6 +7,9 @@ for them (checked against the dispatched ops and ``FlopCounterMode`` by ``tests/
 
 from __future__ import annotations
 
+import math
+
+from ..adapters.sparse_support import dense_is_cheaper
 from .adapter_costs import _register, _tr
 from .cost_graph import CostGraph
 
@@ -25,6 +28,8 @@ def _sparse_setup(c):
 def _sparse_fwd(c, P, x):
     g = c.g
     nnz = P["values"].shape[0]
+    if dense_is_cheaper(nnz, c.m, c.n):  # x @ delta_weight().to(x.dtype).T
+        return g.mm(x, _tr(g, g.cast(_sparse_dw(c, P, None), c.eb)))
     gathered = g.ew("mul", g.index_select(x, nnz), P["values"])
     return g.index_add(gathered, c.m, inplace=True)  # zeros(..., m).index_add_(-1, rows, gathered)
 
@@ -135,10 +140,18 @@ def _snella_dw(c, P, W0):
                      {0: [("softmax_backward", 3 * m * n, 3 * e * m * n)]}, eb=e)
         M = g.ew("add", g.ew("add", K, g.ew("mul", P["a"], S), grads="add"), P["b"], grads="add")
     with g.no_grad():
-        g.launch("abs")
-        g.launch("sort_stable")
-        mask = g.fill("zeros_mask", (m, n), eb=1.0)
-        g.launch("index_put_")
+        # SNELLA.keep_mask: |M|, the k-th largest by selection, above / tied, the first tied ones by a cumsum
+        N = m * n
+        g.launch("abs", N, 2 * e * N)
+        g.launch("kthvalue", N * math.log2(max(N, 2)), 2 * e * N)  # a copy, then introselect (a few passes)
+        for name in ("gt", "eq"):
+            g.launch(name, N, e * N + N)
+        g.launch("sum")
+        g.launch("rsub")
+        g.launch("cumsum", N, N + _IDX * N)
+        g.launch("le", N, _IDX * N + N)
+        g.launch("bitwise_and", N, 3 * N)
+        mask = g.fill("bitwise_or", (m, n), eb=1.0)
     dw = g.ew("mul", M, mask)
     if c.cfg.get("weighting", "mask") == "magnitude":
         g.launch("abs_weight")

@@ -376,9 +376,10 @@ class CostGraph:
         part = spec[4] if len(spec) > 4 else self.part
         return Op(name, float(flops), float(mm), float(nbytes), "bwd" if bwd else "fwd", part)
 
-    def launch(self, name: str) -> None:
-        """A kernel that moves almost nothing (a host sync, a tiny fill)."""
-        self.recs.append(_Rec((), self._new((), None, False), (self._op(name),), (), self.part))
+    def launch(self, name: str, flops: float = 0.0, nbytes: float = 0.0) -> None:
+        """A kernel outside autograd's graph: by default one that moves almost nothing (a host sync, a tiny
+        fill); ``flops`` / ``nbytes`` cost one that does work on no tracked tensor (a sort for a mask)."""
+        self.recs.append(_Rec((), self._new((), None, False), (self._op(name, flops, nbytes),), (), self.part))
 
     # ------------------------------------------------------------------ totals
     def cost(self, output: T, pass_: str = "fwd") -> Cost:

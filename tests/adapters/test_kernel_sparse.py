@@ -184,3 +184,18 @@ def test_allocator_on_a_tiny_model_follows_the_volume_and_favours_the_important_
     lo = min(sc, key=sc.get)
     dens = alloc.densities()
     assert sc[hi] > sc[lo] and dens[hi] * alloc.adapters[hi].d_in * alloc.adapters[hi].d_out > 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(-3, 3), min_size=12, max_size=12), st.integers(0, 12))
+def test_keep_mask_is_the_first_k_of_a_stable_descending_sort(values, k):
+    """The selection (k-th largest, then the first tied entries in flat order) keeps exactly the entries a stable
+    descending sort of |M| puts first -- with many exact ties (integers in [-3, 3]), where the order matters."""
+    ad = SNELLA(3, 4, rank=2, heads=1, density=0.5)
+    ad.keep = k
+    M = torch.tensor(values, dtype=torch.float64).view(3, 4)
+    want = np.zeros(12, dtype=bool)
+    want[np.argsort(-np.abs(np.array(values, dtype=float)), kind="stable")[:k]] = True
+    got = ad.keep_mask(M)
+    assert got.dtype == torch.bool and int(got.sum()) == k
+    assert np.array_equal(got.reshape(-1).numpy(), want)

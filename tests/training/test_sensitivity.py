@@ -49,6 +49,8 @@ TARGETS = ["0", "2", "4"]
 @parametrize_with_checks({
     "sparse_delta(full)": registered_factory("sparse_delta"),
     "sparse_delta(given)": registered_factory("sparse_delta", indices=torch.tensor([0, 3, 7, 8, 100, 150, 11])),
+    # two entries of the checker's 12x20 and 17x9 layers: at most m*n/64, so the gather / scatter-add path
+    "sparse_delta(sparse path)": registered_factory("sparse_delta", indices=torch.tensor([3, 100])),
 })
 def test_sparse_delta_contract(check):
     check()
@@ -215,6 +217,32 @@ def test_apply_spt_is_identity_at_init_trains_cost_parameters_and_moves_only_sel
         assert isinstance(layer, AdaptedLinear) and isinstance(layer.adapter, SparseDelta)
         moved = torch.nonzero((layer.merged_weights()[0] - w_before[n]).reshape(-1) != 0).squeeze(-1)
         assert set(moved.tolist()) <= set(idx.tolist()) and moved.numel() > 0
+
+
+@pytest.mark.parametrize("density", [0.005, 0.01, 0.03, 0.5])
+def test_sparse_delta_both_paths_are_the_dense_formula(density):
+    """Sparse supports (|Ω| <= mn/64) use gather / scatter-add, denser ones x @ ΔWᵀ: the same output and
+    gradients as the dense formula in float64 (1e-12: sums of at most n products reordered)."""
+    from lowrank_theory.adapters.sparse_support import dense_is_cheaper
+
+    m, n, T = 48, 40, 6
+    gen = torch.Generator().manual_seed(1)
+    nnz = max(1, int(density * m * n))
+    idx = torch.randperm(m * n, generator=gen)[:nnz].sort().values  # the adapter keeps its support sorted
+    ad = SparseDelta(m, n, indices=idx).double()
+    with torch.no_grad():
+        ad.values.copy_(torch.randn(nnz, generator=gen, dtype=torch.float64))
+    assert dense_is_cheaper(nnz, m, n) == (nnz > m * n / 64)
+    x = torch.randn(T, n, generator=gen, dtype=torch.float64, requires_grad=True)
+    dense = torch.zeros(m * n, dtype=torch.float64)
+    dense[idx] = ad.values.detach()
+    want = x.detach() @ dense.view(m, n).T
+    got = ad(x)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    g_out = torch.randn(T, m, generator=gen, dtype=torch.float64)
+    got.backward(g_out)
+    assert torch.allclose(x.grad, g_out @ dense.view(m, n), rtol=1e-12, atol=1e-12)
+    assert torch.allclose(ad.values.grad, (g_out.T @ x.detach()).reshape(-1)[idx], rtol=1e-12, atol=1e-12)
 
 
 def test_sparse_delta_support_validation():
