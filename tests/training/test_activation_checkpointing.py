@@ -148,7 +148,7 @@ PROJECTIONS = ("attention.self.query", "attention.self.key", "attention.self.val
 def test_minilm_activation_checkpointing_over_every_linear_method():
     model = load_minilm()
     slots = [f"encoder.layer.{i}.{p}" for i in range(6) for p in PROJECTIONS]
-    slots += [f"encoder.layer.{i}.intermediate.dense" for i in range(6)]
+    slots += [f"encoder.layer.{i}.{ffn}.dense" for ffn in ("intermediate", "output") for i in range(6)]
     assert len(slots) >= len(LINEAR)
     for name, slot in zip(LINEAR, slots):
         inject(model, name, [slot], **config(name, 64))
