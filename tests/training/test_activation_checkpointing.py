@@ -15,7 +15,7 @@ Then the gradients are *the same floats* as without checkpointing, so they are c
   sees a wrong replay.
 * ``torch.compile`` (``fullgraph=True``, ``aot_eager``) of a checkpointed MLP for LoRA, DoRA and
   LoCA, against eager without checkpointing (float32; the same graph ops, measured identical).
-* One MiniLM with every linear method injected, one method per projection (26 of its 36), in
+* One MiniLM with every linear method injected, one method per projection (33 of its 36), in
   ``train()`` mode (MiniLM's own dropout 0.1 active) under Hugging Face's
   ``activation_checkpointing_enable`` (the successor of ``gradient_checkpointing_enable`` in
   transformers 5): every adapter recomputed (forward hooks count two calls per step), gradients
