@@ -298,3 +298,47 @@ def test_static_bytes_extrapolate_exactly(method, impl):
     c = TINY.with_layers(4)
     full = measure(method, c, seq_len=SEQ, batch=BATCH, impl=impl, trace_layers=None)
     assert measure(method, c, seq_len=SEQ, batch=BATCH, impl=impl, trace_layers=(2, 3)) == full
+
+
+# ----------------------------------------------------------------------------- what the accounting found and fixed
+@pytest.mark.parametrize("method", ["vera_r256", "randlora_r32"])
+def test_our_frozen_random_pair_is_one_copy_after_injection_as_peft_holds_it(method):
+    """VeRA's and RandLoRA's layers slice one shared frozen pair; injecting into a bf16 (or GPU) model used to
+    convert each layer's slice on its own, one private copy per layer (VeRA r=256 on Llama-3-8B: 1.25 GiB vs 14 MiB)."""
+    ours, peft = (static_bytes(build_model(method, TINY.with_layers(3), impl=i)) for i in ("ours", "peft"))
+    assert ours.adapter_buffers == peft.adapter_buffers > 0
+
+
+def test_negative_control_converting_each_layer_on_its_own_gives_private_copies():
+    from lowrank_theory import adapters
+    from lowrank_theory.training.injection import _cast_floating
+
+    layers = [adapters.create("vera", 32, 48, rank=8, basis_shape=(32, 48)) for _ in range(3)]
+    alone = [_cast_floating(a, torch.bfloat16, torch.device("cpu")) for a in layers]
+    assert len({a.vera_A.untyped_storage().data_ptr() for a in alone}) == 3
+    memo: dict = {}
+    layers = [adapters.create("vera", 32, 48, rank=8, basis_shape=(32, 48)) for _ in range(3)]
+    shared = [_cast_floating(a, torch.bfloat16, torch.device("cpu"), memo) for a in layers]
+    assert len({a.vera_A.untyped_storage().data_ptr() for a in shared}) == 1
+    assert all(a.vera_A.dtype == torch.bfloat16 for a in shared)
+    assert torch.equal(shared[0].vera_A, alone[0].vera_A)  # same values either way
+
+
+def test_randlora_scaled_basis_gradient_is_autograd_s():
+    """Our RandLoRA's λ·A·γ keeps only λ, A, γ for the backward (as PEFT's UniqueBaseGrad); its gradients are
+    those of the plain product (float64 gradcheck)."""
+    from lowrank_theory.adapters.random_basis import _ScaledBasis
+
+    g = torch.Generator().manual_seed(0)
+    for n_a in (1, 3):
+        lam = torch.randn(3, 4, dtype=torch.float64, generator=g, requires_grad=True)
+        A = torch.randn(n_a, 4, 5, dtype=torch.float64, generator=g)
+        gamma = torch.randn(3, 5, dtype=torch.float64, generator=g, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda lam, gamma, A=A: _ScaledBasis.apply(lam, A, gamma), (lam, gamma))
+        assert torch.equal(_ScaledBasis.apply(lam, A, gamma), lam[:, :, None] * A * gamma[:, None, :])
+
+
+def test_our_randlora_step_holds_no_more_than_peft_s():
+    c = LLAMA3_8B.with_layers(2)
+    ours, peft = (measure("randlora_r32", c, seq_len=256, impl=i, trace_layers=None)[2] for i in ("ours", "peft"))
+    assert ours <= peft
