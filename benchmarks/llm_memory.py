@@ -3,6 +3,7 @@
     python benchmarks/llm_memory.py                   # every method, ckpt off/on, bf16/NF4 base, 1 and 8 ranks
     python benchmarks/llm_memory.py --methods lora_r16 dora_r16 --seq-len 4096
     python benchmarks/llm_memory.py --verify-full     # also trace all 32 blocks once and check the extrapolation
+    python benchmarks/llm_memory.py --batch 8 --tag b8   # 16k tokens per rank: where "fits 80 GB" starts to bite
 
 Everything comes from :func:`lowrank_theory.theory.llm_memory.training_step_memory`: the step is traced on
 meta tensors (no storage, no arithmetic), so the 8B model costs nothing; the optimizer states and the FSDP
@@ -61,7 +62,7 @@ def run(methods: list[str], seq_len: int, batch: int, ranks: list[int], gathered
 
 
 def verify_full(seq_len: int, batch: int) -> list[dict]:
-    """Trace all 32 blocks once per checkpointing mode (LoRA, ours) and compare with the 2/3-block extrapolation."""
+    """Trace all 32 blocks (LoRA, ours; both checkpointing modes) and compare with the 2/3-block extrapolation."""
     out = []
     for ckpt in (False, True):
         t0 = time.perf_counter()
@@ -74,7 +75,28 @@ def verify_full(seq_len: int, batch: int) -> list[dict]:
     return out
 
 
-def markdown(rows: list[dict], seq_len: int, batch: int, gathered_blocks: int, check: list[dict] | None) -> str:
+def nf4_storage() -> dict:
+    """Bytes of the seven projections of every block (packed codes + float32 scales per 64 vs bf16) and of the
+    whole frozen base (the embedding, head and norms stay bf16 in both)."""
+    from lowrank_theory.adapters.quantized_base import QuantizedLinear
+    from lowrank_theory.theory.llm_memory import build_model, static_bytes
+
+    nf4 = build_model("lora_r16", LLAMA3_8B, base_quant="nf4")
+    packed = [m for m in nf4.modules() if isinstance(m, QuantizedLinear)]
+    q = sum(m.storage_bytes() for m in packed)
+    b = sum(2 * m.in_features * m.out_features for m in packed)
+    s16, s4 = static_bytes(build_model("lora_r16", LLAMA3_8B)), static_bytes(nf4)
+    whole16, whole4 = s16.base_params + s16.base_buffers, s4.base_params + s4.base_buffers
+    out = {"projections_bf16": b, "projections_nf4": q, "projections_ratio": q / b,
+           "base_bf16": whole16, "base_nf4": whole4, "base_ratio": whole4 / whole16}
+    assert out["projections_ratio"] <= 0.3, out
+    print(f"NF4 storage: projections {q / GiB:.2f} GiB vs bf16 {b / GiB:.2f} GiB = {q / b:.4f}x; whole frozen base "
+          f"{whole4 / GiB:.2f} vs {whole16 / GiB:.2f} GiB = {whole4 / whole16:.4f}x")
+    return out
+
+
+def markdown(rows: list[dict], seq_len: int, batch: int, gathered_blocks: int, check: list[dict] | None,
+             nf4: dict) -> str:
     date = _dt.date.today().isoformat()
     lines = [
         f"# Llama-3-8B, one training step: peak GiB per device ({date})",
@@ -93,8 +115,12 @@ def markdown(rows: list[dict], seq_len: int, batch: int, gathered_blocks: int, c
         lines.append(f"| {r['method']} ({r['peer']}) | {r['base']} | {r['ckpt']} | {r['ranks']} | "
                      f"{r['ours_gib']:.2f} | {r['peft_gib']:.2f} | {r['ours/peft']:.3f} | "
                      f"{r['fits80_ours']} / {r['fits80_peft']} |")
+    lines += ["", f"NF4 base storage: the 224 projections {nf4['projections_nf4'] / GiB:.2f} GiB vs "
+              f"{nf4['projections_bf16'] / GiB:.2f} GiB in bf16 = **{nf4['projections_ratio']:.4f}x** (4-bit codes + a "
+              f"float32 scale per 64 entries, against 16 bits); the whole frozen base (embedding and head stay bf16) "
+              f"{nf4['base_nf4'] / GiB:.2f} vs {nf4['base_bf16'] / GiB:.2f} GiB = {nf4['base_ratio']:.4f}x."]
     if check:
-        lines += ["", "Extrapolation check (LoRA, ours): all 32 blocks traced vs 1 and 2 blocks extrapolated, "
+        lines += ["", "Extrapolation check (LoRA, ours): all 32 blocks traced vs 2 and 3 blocks extrapolated, "
                   "activation peak in bytes:", ""]
         lines += [f"- ckpt {c['ckpt']}: {c['full_trace']} vs {c['extrapolated']} -> equal: {c['equal']}"
                   for c in check]
@@ -110,19 +136,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gathered-blocks", type=int, default=1)
     ap.add_argument("--verify-full", action="store_true")
     ap.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
+    ap.add_argument("--tag", default="", help="suffix of the result files' names (e.g. b8 for --batch 8)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     rows = run(args.methods, args.seq_len, args.batch, args.ranks, args.gathered_blocks)
     print_table(rows, ["method", "base", "ckpt", "ranks", "ours_gib", "peft_gib", "ours/peft", "fits80_ours",
                        "fits80_peft", "act_ours_gib", "act_peft_gib"])
     check = verify_full(args.seq_len, args.batch) if args.verify_full else None
-    name = f"llm_memory_{_dt.date.today().isoformat()}"
+    nf4 = nf4_storage()
+    name = f"llm_memory_{_dt.date.today().isoformat()}" + (f"_{args.tag}" if args.tag else "")
     extra = {"config": LLAMA3_8B.__dict__, "seq_len": args.seq_len, "batch": args.batch,
-             "gathered_blocks": args.gathered_blocks, "extrapolation_check": check,
+             "gathered_blocks": args.gathered_blocks, "extrapolation_check": check, "nf4_storage": nf4,
              "seconds": round(time.perf_counter() - t0, 1)}
     write_json(name, rows, extra, out_dir=Path(args.out) if args.out else None)
     md = (Path(args.out) if args.out else RESULTS) / f"{name}.md"
-    md.write_text(markdown(rows, args.seq_len, args.batch, args.gathered_blocks, check))
+    md.write_text(markdown(rows, args.seq_len, args.batch, args.gathered_blocks, check, nf4))
     print(f"wrote {md}")
 
 

@@ -65,10 +65,23 @@ are alive: :math:`A(L) = A_0 + L\,a`.  With ``trace_layers=(L_1, L_2)`` the step
 :math:`L_1` and :math:`L_2` blocks and :math:`A(L) = A(L_1) + (L - L_1)(A(L_2) - A(L_1))/(L_2 - L_1)`;
 ``tests/theory/test_llm_memory.py`` checks it equals the full trace to the byte (checkpointing on and off,
 bf16 and NF4, several methods), and :func:`training_step_memory` raises if the two traces are not
-consistent with it (a non-integer slope).  ``trace_layers=None`` traces all the blocks.  The line starts at
-:math:`L = 2`: with checkpointing, a one-block model is not on it (its only checkpointed block's input is
-the embedding's output, which the recomputation reads; the test shows :math:`(1, 3)` misses), so the
-traced depths must be at least 2.
+consistent with it (a non-integer slope).  ``trace_layers=None`` traces all the blocks.  The static byte
+counts are extrapolated the same way (shared tensors, such as PEFT's one VeRA pair, are constant in the
+depth; per-layer ones linear; the same test covers them).  The line starts at :math:`L = 2`: with
+checkpointing a one-block model is off it (measured: extrapolating from 1 and 2 blocks misses the
+4-block trace; not analysed further), so the traced depths must be at least 2.  At Llama-3-8B shapes the
+benchmark (``--verify-full``) traces all 32 blocks and finds the extrapolation equal to the byte.
+
+The trace, device by device
+---------------------------
+Meta tensors run every operator's meta kernel, which creates the output storages a CPU or GPU kernel
+creates (``tests/theory/test_llm_memory.py``: equal to a real CPU run to the byte for every method,
+ours and PEFT's, bf16 and NF4, checkpointing on and off), except where a library branches on the
+device: PEFT's RandLoRA upcasts to float32 on a CPU only, and PEFT's FourierFT copies its host-held
+indices to the device every forward, which a CPU run skips.  The meta trace takes the GPU's branch in
+both (the tests check both: the FourierFT copies to the byte).  Attention runs the fused CPU flash kernel's meta
+function, which saves what FlashAttention-2 saves (output and log-sum-exp); the kernels' own scratch
+space is not in any trace.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from lowrank_theory.theory.llm_memory import (
 )
 
 TINY = DecoderConfig(hidden=64, intermediate=160, layers=2, heads=4, kv_heads=2, head_dim=16, vocab=256)
+TINY4 = TINY.with_layers(4)
 SEQ, BATCH = 32, 2
 
 
@@ -38,12 +39,10 @@ def _proj_shapes(c: DecoderConfig) -> list[tuple[int, int]]:
 
 # ----------------------------------------------------------------------------- measured = real
 @pytest.mark.parametrize("method, impl, quant, ckpt", [
-    ("lora_r16", "ours", None, False), ("lora_r16", "peft", None, False),
-    ("lora_r16", "ours", None, True), ("lora_r16", "peft", None, True),
-    ("lora_r16", "ours", "nf4", True), ("lora_r16", "peft", "nf4", False),
-    ("dora_r16", "ours", None, False), ("dora_r16", "peft", "nf4", True),
-    ("vera_r256", "ours", "nf4", False), ("fourierft_n1000", "ours", None, True), ("loca_n1000", "ours", None, False),
-    ("randlora_r32", "ours", None, False), ("adalora_r16", "ours", "nf4", True), ("adalora_r16", "peft", None, False),
+    ("lora_r16", "ours", None, False), ("lora_r16", "peft", None, True), ("dora_r16", "ours", None, False),
+    ("dora_r16", "peft", "nf4", True),
+    ("vera_r256", "ours", "nf4", False), ("fourierft_n1000", "ours", None, True), ("randlora_r32", "ours", None, False),
+    ("adalora_r16", "ours", "nf4", True),
 ])
 def test_meta_trace_equals_a_real_run_to_the_byte(method, impl, quant, ckpt):
     kw = dict(impl=impl, base_quant=quant, checkpointing=ckpt)
@@ -53,20 +52,13 @@ def test_meta_trace_equals_a_real_run_to_the_byte(method, impl, quant, ckpt):
     assert meta == real
 
 
-@pytest.mark.parametrize("ckpt", [False, True])
-def test_peft_fourierft_copies_its_host_indices_to_the_device_every_forward(ckpt):
+def test_peft_fourierft_copies_its_host_indices_to_the_device_every_forward():
     """PEFT keeps FourierFT's (2, n) int64 indices in a plain dict, which ``model.to(device)`` does not move, and
     calls ``indices.to(spectrum.device)`` in every forward: a 16 kB copy per layer (n = 1000) that a real CPU run
-    skips (same device) and the meta trace -- like a GPU -- counts, kept alive for the backward."""
-    kw = dict(impl="peft", checkpointing=ckpt)
-    real = trace_step(build_model("fourierft_n1000", TINY, device="cpu", **kw), batch=BATCH, seq_len=SEQ)
-    meta = trace_step(build_model("fourierft_n1000", TINY, device="meta", **kw), batch=BATCH, seq_len=SEQ)
-    copy = 2 * 1000 * 8
-    alive = 7 * TINY.layers if not ckpt else None
-    if alive is not None:
-        assert meta[1] - real[1] == alive * copy
-    else:  # under checkpointing fewer copies are alive at the peak, but always a whole number of them
-        assert meta[1] > real[1] and (meta[1] - real[1]) % copy == 0
+    skips (same device) and the meta trace -- like a GPU -- counts, each kept alive for the backward."""
+    real = trace_step(build_model("fourierft_n1000", TINY, impl="peft", device="cpu"), batch=BATCH, seq_len=SEQ)
+    meta = trace_step(build_model("fourierft_n1000", TINY, impl="peft", device="meta"), batch=BATCH, seq_len=SEQ)
+    assert meta[1] - real[1] == 7 * TINY.layers * 2 * 1000 * 8
 
 
 def test_peft_randlora_upcasts_to_float32_on_the_cpu_only():
@@ -180,29 +172,29 @@ def test_checkpointing_lowers_the_activation_peak():
     assert on < off
 
 
-@pytest.mark.parametrize("method, impl, quant, ckpt", [
-    ("lora_r16", "ours", None, False), ("lora_r16", "ours", None, True), ("lora_r16", "peft", "nf4", True),
-    ("dora_r16", "ours", "nf4", False), ("vera_r256", "peft", None, True), ("randlora_r32", "ours", None, False),
+@pytest.mark.parametrize("method, impl, quant", [
+    ("lora_r16", "ours", None), ("dora_r16", "ours", "nf4"), ("vera_r256", "ours", None), ("vera_r256", "peft", "nf4"),
+    ("randlora_r32", "peft", None),
 ])
+@pytest.mark.parametrize("ckpt", [False, True])
 def test_the_per_block_extrapolation_equals_the_full_trace(method, impl, quant, ckpt):
-    c = TINY.with_layers(5)
+    """Activations, caches and every static byte count: traced at 2 and 3 blocks and extrapolated to 4, equal to the
+    4-block model's.  Shared tensors (PEFT's one VeRA/RandLoRA pair) are constant in the depth, per-layer ones
+    linear."""
     kw = dict(seq_len=SEQ, batch=BATCH, impl=impl, base_quant=quant, checkpointing=ckpt)
-    full = measure(method, c, trace_layers=None, **kw)
-    assert measure(method, c, trace_layers=(2, 3), **kw)[1:] == full[1:]
-    assert measure(method, c, trace_layers=(3, 4), **kw)[1:] == full[1:]
+    assert measure(method, TINY4, trace_layers=(2, 3), **kw) == measure(method, TINY4, trace_layers=None, **kw)
 
 
 def test_one_block_is_not_yet_on_the_line_with_checkpointing():
     """Why ``trace_layers`` starts at 2: with checkpointing, extrapolating from 1 block misses the full trace."""
-    c = TINY.with_layers(5)
-    full = measure("lora_r16", c, seq_len=SEQ, batch=BATCH, checkpointing=True, trace_layers=None)
-    assert measure("lora_r16", c, seq_len=SEQ, batch=BATCH, checkpointing=True, trace_layers=(1, 3)) != full
+    full = measure("lora_r16", TINY4, seq_len=SEQ, batch=BATCH, checkpointing=True, trace_layers=None)
+    assert measure("lora_r16", TINY4, seq_len=SEQ, batch=BATCH, checkpointing=True, trace_layers=(1, 2)) != full
 
 
 def test_the_extrapolation_is_exact_at_llama_shapes():
     """Four Llama-3-8B blocks, traced in full vs extrapolated from 2 and 3 (the benchmark checks 32)."""
     c = LLAMA3_8B.with_layers(4)
-    kw = dict(seq_len=256, checkpointing=True)
+    kw = dict(seq_len=128, checkpointing=True)
     assert measure("lora_r16", c, trace_layers=(2, 3), **kw)[1:] == measure("lora_r16", c, trace_layers=None,
                                                                             **kw)[1:]
 
@@ -262,8 +254,7 @@ def test_every_method_has_a_peer_and_targets_default_to_the_seven_projections():
     assert isinstance(build_model("lora_r16", TINY), Decoder)
 
 
-@pytest.mark.parametrize("method, impl", [("fourierft_n1000", "ours"), ("fourierft_n1000", "peft"),
-                                          ("loca_n1000", "ours")])
+@pytest.mark.parametrize("method, impl", [("fourierft_n1000", "ours"), ("fourierft_n1000", "peft")])
 def test_fast_init_builds_the_same_adapters(method, impl):
     """``fast_init`` (memoized randperm while building) gives the adapters the seeds give, tensor for tensor."""
     states = [build_model(method, TINY, impl=impl, device="cpu", fast_init=fast).state_dict() for fast in (False, True)]
@@ -289,15 +280,6 @@ def test_the_randperm_memo_leaves_the_generator_where_a_real_call_would():
     for (p1, r1), (p2, r2) in zip(ref, got):
         assert torch.equal(p1, p2) and torch.equal(r1, r2)
     assert torch.randperm is not None and torch.randperm(5).sort().values.tolist() == list(range(5))
-
-
-@pytest.mark.parametrize("method, impl", [("lora_r16", "ours"), ("vera_r256", "ours"), ("vera_r256", "peft"),
-                                          ("randlora_r32", "ours"), ("randlora_r32", "peft"), ("dora_r16", "peft")])
-def test_static_bytes_extrapolate_exactly(method, impl):
-    """Shared tensors (PEFT's one VeRA/RandLoRA pair) are constant in the depth, per-layer ones linear."""
-    c = TINY.with_layers(4)
-    full = measure(method, c, seq_len=SEQ, batch=BATCH, impl=impl, trace_layers=None)
-    assert measure(method, c, seq_len=SEQ, batch=BATCH, impl=impl, trace_layers=(2, 3)) == full
 
 
 # ----------------------------------------------------------------------------- what the accounting found and fixed
@@ -339,6 +321,7 @@ def test_randlora_scaled_basis_gradient_is_autograd_s():
 
 
 def test_our_randlora_step_holds_no_more_than_peft_s():
-    c = LLAMA3_8B.with_layers(2)
-    ours, peft = (measure("randlora_r32", c, seq_len=256, impl=i, trace_layers=None)[2] for i in ("ours", "peft"))
+    """Non-square projections (MLP 4x wider), where autograd's saved λ·A product (p×p per layer) showed."""
+    c = DecoderConfig(hidden=256, intermediate=1024, layers=2, heads=4, kv_heads=2, head_dim=64, vocab=512)
+    ours, peft = (measure("randlora_r32", c, seq_len=64, impl=i, trace_layers=None)[2] for i in ("ours", "peft"))
     assert ours <= peft
