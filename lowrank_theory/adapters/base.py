@@ -59,14 +59,15 @@ def check_rank(rank: int, d_out: int, d_in: int, name: str = "rank", *, upper: i
 
 
 def check_weight(W: torch.Tensor, name: str = "weight", shape: tuple[int, ...] | None = None) -> torch.Tensor:
-    """Validate a floating, finite torch weight (optionally of a given shape)."""
+    """Validate a floating, finite torch weight (optionally of a given shape).  A ``meta`` tensor has no
+    values, so only its type and shape are checked (shape-only memory accounting builds adapters on it)."""
     if not isinstance(W, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(W).__name__}")
     if not W.is_floating_point():
         raise TypeError(f"{name} must be a floating tensor, got {W.dtype}")
     if shape is not None and tuple(W.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(W.shape)}")
-    if not bool(torch.isfinite(W).all()):
+    if W.device.type != "meta" and not bool(torch.isfinite(W).all()):
         raise ValueError(f"{name} contains NaN or Inf values")
     return W
 

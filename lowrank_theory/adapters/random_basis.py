@@ -157,6 +157,38 @@ def randlora_basis(
     return torch.from_numpy(A), torch.from_numpy(B)
 
 
+@functools.lru_cache(maxsize=8)
+def _randlora_basis_as(seed: int, rank: int, basis_shape: tuple[int, int], basis: str, shared_a: bool,
+                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`randlora_basis` converted to ``dtype`` once, so the layers' slices are views of one shared copy."""
+    A, B = randlora_basis(seed, rank, basis_shape, basis, shared_a)
+    return A.to(dtype), B.to(dtype)
+
+
+class _ScaledBasis(torch.autograd.Function):
+    r""":math:`\tilde A_n = \operatorname{diag}(\lambda_n) A_n \operatorname{diag}(\gamma_n)`, (N, r, p), saving only
+    :math:`\lambda, A, \gamma` for the backward (which recomputes the products): autograd's two multiplies would
+    also keep the (N, r, p) intermediate :math:`\lambda A`, one more p×p-sized tensor per layer for the whole step
+    (5 GiB on Llama-3-8B at 2048 tokens, ``lowrank_theory.theory.llm_memory``).  PEFT's ``UniqueBaseGrad`` does
+    the same.  First derivatives only."""
+
+    @staticmethod
+    def forward(ctx, lam: torch.Tensor, A: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(lam, A, gamma)
+        return lam[:, :, None] * A * gamma[:, None, :]
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        lam, A, gamma = ctx.saved_tensors
+        A = A.to(g.dtype).expand(g.shape)
+        g_lam = g_gamma = None
+        if ctx.needs_input_grad[0]:
+            g_lam = torch.einsum("nrp,nrp,np->nr", g, A, gamma.to(g.dtype)).to(lam.dtype)
+        if ctx.needs_input_grad[2]:
+            g_gamma = torch.einsum("nrp,nrp,nr->np", g, A, lam.to(g.dtype)).to(gamma.dtype)
+        return g_lam, None, g_gamma
+
+
 # ============================================================================= VeRA
 @register
 class VeRA(Adapter):
@@ -474,10 +506,12 @@ class RandLoRA(Adapter):
         self.rank, self.num_bases = rank, -(-p // rank)
         self.scale = alpha / rank
         self.transposed = d_out < d_in  # M is (q, p); ΔW = Mᵀ when the output side is the smaller
-        A, B = randlora_basis(seed, rank, shape, basis, shared_a)
+        # slices (views) of one cached copy in the default dtype: every layer shares it, on any device
+        # after injection (training.injection converts the shared tensor once), as PEFT shares its pair
+        A, B = _randlora_basis_as(seed, rank, shape, basis, shared_a, torch.get_default_dtype())
         n = self.num_bases
-        _register_basis(self, "randlora_A", _as_default_float(A[: 1 if shared_a else n, :, :p]), persistent)
-        _register_basis(self, "randlora_B", _as_default_float(B[:q, :n, :]), persistent)
+        _register_basis(self, "randlora_A", A[: 1 if shared_a else n, :, :p], persistent)
+        _register_basis(self, "randlora_B", B[:q, :n, :], persistent)
         self.lam = nn.Parameter(torch.zeros(n, rank))
         self.gamma = nn.Parameter(torch.full((n, p), 1.0 / p))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -489,7 +523,7 @@ class RandLoRA(Adapter):
 
     def scaled_bases(self) -> tuple[torch.Tensor, torch.Tensor]:
         r"""``(B_cat, A_tilde)``: (q, N·r) and (N·r, p), with :math:`M = s\,B_\text{cat}\tilde A`."""
-        a_tilde = self.lam[:, :, None] * self.randlora_A * self.gamma[:, None, :]  # (N, r, p)
+        a_tilde = _ScaledBasis.apply(self.lam, self.randlora_A, self.gamma)  # (N, r, p)
         return self.randlora_B.reshape(self.randlora_B.shape[0], -1), a_tilde.reshape(-1, a_tilde.shape[-1])
 
     def delta_weight(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
