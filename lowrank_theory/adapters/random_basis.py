@@ -180,12 +180,12 @@ class _ScaledBasis(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         lam, A, gamma = ctx.saved_tensors
-        A = A.to(g.dtype).expand(g.shape)
+        gA = g * A.to(g.dtype)  # (N, r, p), a temporary of the backward only
         g_lam = g_gamma = None
-        if ctx.needs_input_grad[0]:
-            g_lam = torch.einsum("nrp,nrp,np->nr", g, A, gamma.to(g.dtype)).to(lam.dtype)
-        if ctx.needs_input_grad[2]:
-            g_gamma = torch.einsum("nrp,nrp,nr->np", g, A, lam.to(g.dtype)).to(gamma.dtype)
+        if ctx.needs_input_grad[0]:  # dL/dλ_nr = Σ_p g_nrp A_nrp γ_np
+            g_lam = (gA * gamma.to(g.dtype)[:, None, :]).sum(-1).to(lam.dtype)
+        if ctx.needs_input_grad[2]:  # dL/dγ_np = Σ_r g_nrp A_nrp λ_nr
+            g_gamma = (gA * lam.to(g.dtype)[:, :, None]).sum(1).to(gamma.dtype)
         return g_lam, None, g_gamma
 
 

@@ -396,8 +396,15 @@ def _randlora_bases(c, P):
     g = c.g
     N, r = P["lam"].shape
     p, q = P["gamma"].shape[1], P["randlora_B"].shape[0]
-    a = g.ew("mul", g.view(P["lam"], (N, r, 1)), P["randlora_A"])
-    a = g.ew("mul", a, g.view(P["gamma"], (N, 1, p)))
+    # random_basis._ScaledBasis: λ A γ by two multiplies, saving only λ, A, γ; its backward forms g A once,
+    # then each gradient by one multiply and one reduction
+    n, e = N * r * p, c.eb
+    lam_b, a_b, gam_b = P["lam"].nbytes, P["randlora_A"].nbytes, P["gamma"].nbytes
+    a = g.custom("scaled_basis", [P["lam"], P["randlora_A"], P["gamma"]], (N, r, p),
+                 [("mul", n, lam_b + a_b + e * n), ("mul", n, 2 * e * n + gam_b)],
+                 {"shared": [("mul_gA", n, 2 * e * n + a_b)],
+                  0: [("mul_lam", n, 2 * e * n + gam_b), ("sum_lam", n, e * n + lam_b)],
+                  2: [("mul_gamma", n, 2 * e * n + lam_b), ("sum_gamma", n, e * n + gam_b)]})
     return g.view(P["randlora_B"], (q, N * r)), g.view(a, (N * r, p))
 
 
