@@ -364,9 +364,62 @@ class AdaLoRAImportance:
         return kept
 
 
+# ----------------------------------------------------------------------------- gated low rank
+class GatedLowRank(Adapter):
+    r"""What SoRA and CoDyRA share: :math:`\Delta W = s\,B\,\operatorname{diag}(g)\,A`, ranks cut at zero gates.
+
+    A (r, n) has LoRA's Kaiming-uniform rows, B (m, r) is zero (so :math:`\Delta W = 0` whatever g), g (r,) is
+    set by the subclass; count :math:`r(m+n+1)`; forward :math:`s\,((xA^\top)\odot g)B^\top`, r(m+n) per
+    token.  Rank i contributes :math:`s\,g_i\,b_i a_i^\top`, so :meth:`prune_zero_gates` leaves
+    :math:`\Delta W` unchanged in exact arithmetic (in floating point up to the re-association of the r-term
+    sum by the matrix kernel).  Not registered: the subclasses differ in their gate's init and training rule.
+    """
+
+    def _init_factors(self, d_out: int, d_in: int, rank: int, alpha: float | None, dropout: float,
+                      seed: int | None) -> torch.Generator | None:
+        """A, B, scale and dropout; returns the generator (after A's draw) for the subclass's gate."""
+        _check_rank0(rank, d_out, d_in)
+        alpha, self.scale = _scale(alpha, rank)
+        self.dropout = _check_dropout(dropout)
+        g = _generator(seed)
+        self.A = nn.Parameter(_kaiming_rows(rank, d_in, g))
+        self.B = nn.Parameter(torch.zeros(d_out, rank))
+        return g
+
+    @property
+    def rank(self) -> int:
+        """Current rank (number of gates, zero ones included until they are pruned)."""
+        return int(self.gate.shape[0])
+
+    @classmethod
+    def param_count(cls, d_out: int, d_in: int, rank: int = 8, **_: Any) -> int:
+        return rank * (d_out + d_in + 1)
+
+    def delta_weight(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
+        return self.scale * ((self.B * self.gate) @ self.A)
+
+    def forward(self, x: torch.Tensor, base_weight: torch.Tensor | None = None) -> torch.Tensor:
+        self._check_input(x)
+        return self.scale * (((self.dropout(x) @ self.A.T) * self.gate) @ self.B.T)
+
+    @torch.no_grad()
+    def prune_zero_gates(self) -> torch.Tensor:
+        r"""Cut the ranks whose gate is exactly zero (new, smaller Parameters); return the kept indices.
+
+        :math:`\Delta W` is unchanged (a zero gate contributes nothing; see the class docstring for round-off).
+        Rebuild the optimizer afterwards.
+        """
+        idx = _keep_index(self.gate.detach() != 0, self.rank, self.gate)
+        _shrink_(self, "A", idx, 0)
+        _shrink_(self, "B", idx, 1)
+        _shrink_(self, "gate", idx, 0)
+        self._config.update(rank=self.rank, alpha=self.scale * self.rank)
+        return idx
+
+
 # ----------------------------------------------------------------------------- SoRA
 @register
-class SoRA(Adapter):
+class SoRA(GatedLowRank):
     r"""SoRA: a gated LoRA, :math:`\Delta W = s\,B\,\operatorname{diag}(g)\,A`, whose zero gates are cut.
 
     Parameters
@@ -424,42 +477,8 @@ class SoRA(Adapter):
         seed: int | None = 0,
     ) -> None:
         super().__init__(d_out, d_in)
-        _check_rank0(rank, d_out, d_in)
-        alpha, self.scale = _scale(alpha, rank)
-        self.dropout = _check_dropout(dropout)
-        g = _generator(seed)
-        self.A = nn.Parameter(_kaiming_rows(rank, d_in, g))
-        self.B = nn.Parameter(torch.zeros(d_out, rank))
+        g = self._init_factors(d_out, d_in, rank, alpha, dropout, seed)
         self.gate = nn.Parameter(torch.randn(rank, generator=g) if gate_init == "normal" else torch.ones(rank))
-
-    @property
-    def rank(self) -> int:
-        """Current rank (number of gates)."""
-        return int(self.gate.shape[0])
-
-    @classmethod
-    def param_count(cls, d_out: int, d_in: int, rank: int = 8, **_: Any) -> int:
-        return rank * (d_out + d_in + 1)
-
-    def delta_weight(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
-        return self.scale * ((self.B * self.gate) @ self.A)
-
-    def forward(self, x: torch.Tensor, base_weight: torch.Tensor | None = None) -> torch.Tensor:
-        self._check_input(x)
-        return self.scale * (((self.dropout(x) @ self.A.T) * self.gate) @ self.B.T)
-
-    @torch.no_grad()
-    def prune_zero_gates(self) -> torch.Tensor:
-        """Cut the ranks whose gate is exactly zero (new, smaller Parameters); return kept indices.
-
-        :math:`\\Delta W` is unchanged (a zero gate contributes nothing).  Rebuild the optimizer.
-        """
-        idx = _keep_index(self.gate != 0, self.rank, self.gate)
-        _shrink_(self, "A", idx, 0)
-        _shrink_(self, "B", idx, 1)
-        _shrink_(self, "gate", idx, 0)
-        self._config.update(rank=self.rank, alpha=self.scale * self.rank)
-        return idx
 
     @torch.no_grad()
     def to_lora(self) -> LoRA:

@@ -36,15 +36,13 @@ is exactly zero contributes nothing.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import nn
 
 from ..method_index import Paper, adapter_entry
-from .adaptive_rank import _ADAPTIVE_PARAMS, _check_rank0, _keep_index, _scale, _shrink_, soft_threshold
-from .base import Adapter, check_weight
-from .lowrank import _check_dropout, _generator, _kaiming_rows
+from .adaptive_rank import _ADAPTIVE_PARAMS, GatedLowRank, soft_threshold
+from .base import check_weight
 from .params import Choice, schema
 from .registry import register
 
@@ -57,7 +55,7 @@ _UNIFORM_GATE = 0.05
 
 
 @register
-class CoDyRA(Adapter):
+class CoDyRA(GatedLowRank):
     r"""CoDyRA: :math:`\Delta W = s\,B\,\operatorname{diag}(g)\,A`, gates sparsified by a rising threshold.
 
     Parameters
@@ -121,12 +119,7 @@ class CoDyRA(Adapter):
         seed: int | None = 0,
     ) -> None:
         super().__init__(d_out, d_in)
-        _check_rank0(rank, d_out, d_in)
-        alpha, self.scale = _scale(alpha, rank)
-        self.dropout = _check_dropout(dropout)
-        g = _generator(seed)
-        self.A = nn.Parameter(_kaiming_rows(rank, d_in, g))
-        self.B = nn.Parameter(torch.zeros(d_out, rank))
+        g = self._init_factors(d_out, d_in, rank, alpha, dropout, seed)
         if gate_init == "ones":
             gate = torch.ones(rank)
         else:
@@ -134,25 +127,9 @@ class CoDyRA(Adapter):
         self.gate = nn.Parameter(gate)
 
     @property
-    def rank(self) -> int:
-        """Current rank (number of gates, zero ones included until they are pruned)."""
-        return int(self.gate.shape[0])
-
-    @property
     def active_rank(self) -> int:
         """Number of nonzero gates: the rank the update really has at most."""
         return int((self.gate.detach() != 0).sum())
-
-    @classmethod
-    def param_count(cls, d_out: int, d_in: int, rank: int = 8, **_: Any) -> int:
-        return rank * (d_out + d_in + 1)
-
-    def delta_weight(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
-        return self.scale * ((self.B * self.gate) @ self.A)
-
-    def forward(self, x: torch.Tensor, base_weight: torch.Tensor | None = None) -> torch.Tensor:
-        self._check_input(x)
-        return self.scale * (((self.dropout(x) @ self.A.T) * self.gate) @ self.B.T)
 
     def sparsity_penalty(self) -> torch.Tensor:
         r""":math:`\|g\|_1` (differentiable; the schedule multiplies it by :math:`\lambda`)."""
@@ -163,21 +140,6 @@ class CoDyRA(Adapter):
         """Apply :func:`codyra_gate_update` to the gate in place; return the number of zero gates after it."""
         self.gate.copy_(codyra_gate_update(self.gate, kappa, rule))
         return self.rank - self.active_rank
-
-    @torch.no_grad()
-    def prune_zero_gates(self) -> torch.Tensor:
-        """Cut the ranks whose gate is exactly zero (new, smaller Parameters); return the kept indices.
-
-        In exact arithmetic every output is unchanged (the dropped terms are exact zeros); in floating point
-        the :math:`r`-term sum over ranks may be re-associated by the matrix kernel, so outputs agree to a few
-        ulps of that sum (the tests bound it in float64).  Rebuild the optimizer afterwards.
-        """
-        idx = _keep_index(self.gate.detach() != 0, self.rank, self.gate)
-        _shrink_(self, "A", idx, 0)
-        _shrink_(self, "B", idx, 1)
-        _shrink_(self, "gate", idx, 0)
-        self._config.update(rank=self.rank, alpha=self.scale * self.rank)
-        return idx
 
 
 def codyra_gate_update(g: torch.Tensor, kappa: float, rule: str = "soft") -> torch.Tensor:
