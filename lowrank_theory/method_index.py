@@ -287,7 +287,7 @@ def describe(name: str) -> dict[str, Any]:
 def _params_text(e: MethodEntry) -> str:
     if not e.params:
         return e.note or "see param_count"
-    text = e.params.replace(" ** 2", "²").replace(" * ", "·")
+    text = e.params.replace(" ** 2", "²").replace(" ** ", "^").replace(" * ", "·")
     if e.where:
         text += "  with " + ", ".join(f"{v} = {x}" for v, x in e.where)
     return text
