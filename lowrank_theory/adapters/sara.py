@@ -28,6 +28,7 @@ from ..method_index import Paper, adapter_entry
 from .base import Adapter, check_sizes, check_weight
 from .params import Float, Seed, schema
 from .registry import register
+from .sparse import sparse_entries_dense, sparse_entries_matmul
 
 __all__ = ["SaRA", "SaRASchedule", "nuclear_prox", "remask_layer_", "sara_support", "sara_support_size"]
 
@@ -233,14 +234,11 @@ class SaRA(Adapter):
         return self.rows * self.d_in + self.cols
 
     def delta_weight(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
-        dense = torch.zeros(self.d_out * self.d_in, dtype=self.values.dtype, device=self.values.device)
-        return dense.index_add_(0, self.flat_indices(), self.values).view(self.d_out, self.d_in)
+        return sparse_entries_dense(self.rows, self.cols, self.values, self.d_out, self.d_in)
 
     def forward(self, x: torch.Tensor, base_weight: torch.Tensor | None = None) -> torch.Tensor:
         self._check_input(x)
-        gathered = x.index_select(-1, self.cols) * self.values.to(x.dtype)
-        out = torch.zeros(*x.shape[:-1], self.d_out, dtype=x.dtype, device=x.device)
-        return out.index_add_(-1, self.rows, gathered)  # in place into fresh zeros: two kernels, no copy
+        return sparse_entries_matmul(x, self.rows, self.cols, self.values, self.d_out)
 
     # ------------------------------------------------------------------ nuclear norm
     def nuclear_norm_penalty(self) -> torch.Tensor:

@@ -20,7 +20,7 @@ from .lowrank import LORA_PARAMS, LoRA
 from .params import Choice, Float, Seed, schema
 from .registry import register
 
-__all__ = ["SLTrain", "sparse_support_size"]
+__all__ = ["SLTrain", "sparse_entries_dense", "sparse_entries_matmul", "sparse_support_size"]
 
 
 def sparse_support_size(d_out: int, d_in: int, density: float) -> int:
@@ -29,6 +29,25 @@ def sparse_support_size(d_out: int, d_in: int, density: float) -> int:
     A relative slack of 1e-12 keeps products such as 0.29·100 = 28.999999999999996 at 29.
     """
     return math.floor(density * d_out * d_in * (1.0 + 1e-12))
+
+
+def sparse_entries_dense(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, d_out: int,
+                         d_in: int) -> torch.Tensor:
+    r"""The dense (m, n) matrix :math:`S = \sum_t v_t e_{r_t} e_{c_t}^\top` of distinct entries (rows, cols) (k,),
+    values (k,): one scatter-add into fresh zeros (differentiable in ``values``).  Shared by SLTrain's sparse
+    part, SaRA and ``sparse_delta``."""
+    S = torch.zeros(d_out * d_in, dtype=values.dtype, device=values.device)
+    return S.index_add_(0, rows * d_in + cols, values).view(d_out, d_in)
+
+
+def sparse_entries_matmul(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
+                          d_out: int) -> torch.Tensor:
+    r""":math:`x S^\top` for x (..., n) -> (..., m) without forming S: gather the columns ``cols`` of x, scale by
+    ``values`` (cast to x's dtype), scatter-add into the rows ``rows`` of fresh zeros; :math:`O(k)` per token and
+    no m×n tensor in the forward or the backward."""
+    gathered = x.index_select(-1, cols) * values.to(x.dtype)
+    out = torch.zeros(*x.shape[:-1], d_out, dtype=x.dtype, device=x.device)
+    return out.index_add_(-1, rows, gathered)  # in place into fresh zeros: no copy
 
 
 @register
@@ -137,16 +156,12 @@ class SLTrain(LoRA):
 
     def sparse_dense(self) -> torch.Tensor:
         """S as a dense (m, n) tensor (for merging and tests)."""
-        flat = self.rows * self.d_in + self.cols
-        S = torch.zeros(self.d_out * self.d_in, dtype=self.values.dtype, device=self.values.device)
-        return S.index_add(0, flat, self.values).view(self.d_out, self.d_in)
+        return sparse_entries_dense(self.rows, self.cols, self.values, self.d_out, self.d_in)
 
     def sparse_apply(self, x: torch.Tensor) -> torch.Tensor:
         r""":math:`x S^\top` for x (..., n) -> (..., m) by gather / scatter-add, :math:`O(\text{nnz})` per token."""
         self._check_input(x)
-        gathered = x.index_select(-1, self.cols) * self.values.to(x.dtype)
-        out = torch.zeros(*x.shape[:-1], self.d_out, dtype=x.dtype, device=x.device)
-        return out.index_add(-1, self.rows, gathered)
+        return sparse_entries_matmul(x, self.rows, self.cols, self.values, self.d_out)
 
     def delta_weight(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
         return super().delta_weight() + self.sparse_dense()

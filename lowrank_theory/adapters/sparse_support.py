@@ -16,6 +16,7 @@ from ..method_index import Paper, adapter_entry
 from .base import Adapter
 from .params import Tensor, schema
 from .registry import register
+from .sparse import sparse_entries_dense, sparse_entries_matmul
 
 __all__ = ["DENSE_DENSITY", "SparseDelta", "check_support", "dense_is_cheaper"]
 
@@ -112,14 +113,10 @@ class SparseDelta(Adapter):
         return d_out * d_in if indices is None else int(indices.numel())
 
     def delta_weight(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
-        flat = self.rows * self.d_in + self.cols
-        S = torch.zeros(self.d_out * self.d_in, dtype=self.values.dtype, device=self.values.device)
-        return S.index_add_(0, flat, self.values).view(self.d_out, self.d_in)  # in place on fresh zeros: one kernel
+        return sparse_entries_dense(self.rows, self.cols, self.values, self.d_out, self.d_in)
 
     def forward(self, x: torch.Tensor, base_weight: torch.Tensor | None = None) -> torch.Tensor:
         self._check_input(x)
         if dense_is_cheaper(self.nnz, self.d_out, self.d_in):
             return x @ self.delta_weight().to(x.dtype).T
-        gathered = x.index_select(-1, self.cols) * self.values.to(x.dtype)
-        out = torch.zeros(*x.shape[:-1], self.d_out, dtype=x.dtype, device=x.device)
-        return out.index_add_(-1, self.rows, gathered)
+        return sparse_entries_matmul(x, self.rows, self.cols, self.values, self.d_out)

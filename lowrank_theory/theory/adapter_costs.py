@@ -427,6 +427,21 @@ _register("randlora", setup=_randlora_setup, forward=_randlora_fwd, delta=_randl
 
 
 # ----------------------------------------------------------------------------- sparse / quantized
+def _entries_matmul(c, x, values):
+    """``adapters.sparse.sparse_entries_matmul``: gather k columns of x, scale, scatter-add into fresh zeros."""
+    g = c.g
+    return g.index_add(g.ew("mul", g.index_select(x, values.shape[0]), values), c.m, inplace=True)
+
+
+def _entries_dense(c, values):
+    """``adapters.sparse.sparse_entries_dense``: rows * d_in + cols on int64, one scatter-add into (m n) zeros."""
+    g = c.g
+    for name in ("flat_index_mul", "flat_index_add"):
+        g.launch(name)
+    S = g.index_add(g.view(values, (1, values.shape[0])), c.m * c.n, "sparse_dense", inplace=True)
+    return g.view(S, (c.m, c.n))
+
+
 def _sltrain_setup(c):
     P = _ab(c)
     nnz = sparse_support_size(c.m, c.n, float(c.cfg["density"]))
@@ -439,18 +454,11 @@ def _sltrain_setup(c):
 def _sltrain_fwd(c, P, x):
     g = c.g
     low = _lowrank(c, x, P["A"], P["B"])
-    nnz = P["values"].shape[0]
-    gathered = g.ew("mul", g.index_select(x, nnz), P["values"])
-    return g.ew("add", low, g.index_add(gathered, c.m), grads="add")
+    return g.ew("add", low, _entries_matmul(c, x, P["values"]), grads="add")
 
 
 def _sltrain_dw(c, P, W0):
-    g = c.g
-    nnz = P["values"].shape[0]
-    for name in ("flat_index_mul", "flat_index_add"):  # rows * d_in + cols on int64
-        g.launch(name)
-    S = g.view(g.index_add(g.view(P["values"], (1, nnz)), c.m * c.n, "sparse_dense"), (c.m, c.n))
-    return g.ew("add", _lora_dw(c, P, W0), S, grads="add")
+    return c.g.ew("add", _lora_dw(c, P, W0), _entries_dense(c, P["values"]), grads="add")
 
 
 _register("sltrain", setup=_sltrain_setup, forward=_sltrain_fwd, delta=_sltrain_dw)
@@ -463,21 +471,8 @@ def _sara_setup(c):
     return {"values": c.g.param((k,))}
 
 
-def _sara_fwd(c, P, x):
-    g = c.g
-    k = P["values"].shape[0]
-    return g.index_add(g.ew("mul", g.index_select(x, k), P["values"]), c.m, inplace=True)
-
-
-def _sara_dw(c, P, W0):
-    g = c.g
-    k = P["values"].shape[0]
-    for name in ("flat_index_mul", "flat_index_add"):  # rows * d_in + cols on int64
-        g.launch(name)
-    return g.view(g.index_add(g.view(P["values"], (1, k)), c.m * c.n, "sparse_dense", inplace=True), (c.m, c.n))
-
-
-_register("sara", setup=_sara_setup, forward=_sara_fwd, delta=_sara_dw)
+_register("sara", setup=_sara_setup, forward=lambda c, P, x: _entries_matmul(c, x, P["values"]),
+          delta=lambda c, P, W0: _entries_dense(c, P["values"]))
 
 
 # ----------------------------------------------------------------------------- tensor formats

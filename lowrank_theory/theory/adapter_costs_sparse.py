@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from ..adapters.sparse_support import dense_is_cheaper
-from .adapter_costs import _register, _tr
+from .adapter_costs import _entries_dense, _entries_matmul, _register, _tr
 from .cost_graph import CostGraph
 
 __all__: list[str] = []
@@ -30,17 +30,11 @@ def _sparse_fwd(c, P, x):
     nnz = P["values"].shape[0]
     if dense_is_cheaper(nnz, c.m, c.n):  # x @ delta_weight().to(x.dtype).T
         return g.mm(x, _tr(g, g.cast(_sparse_dw(c, P, None), c.eb)))
-    gathered = g.ew("mul", g.index_select(x, nnz), P["values"])
-    return g.index_add(gathered, c.m, inplace=True)  # zeros(..., m).index_add_(-1, rows, gathered)
+    return _entries_matmul(c, x, P["values"])
 
 
 def _sparse_dw(c, P, W0):
-    g = c.g
-    nnz = P["values"].shape[0]
-    for name in ("flat_index_mul", "flat_index_add"):  # rows * d_in + cols on int64
-        g.launch(name)
-    S = g.index_add(g.view(P["values"], (1, nnz)), c.m * c.n, "sparse_dense", inplace=True)
-    return g.view(S, (c.m, c.n))
+    return _entries_dense(c, P["values"])
 
 
 _register("sparse_delta", setup=_sparse_setup, forward=_sparse_fwd, delta=_sparse_dw)
